@@ -49,6 +49,7 @@ def _register_commands() -> None:
         profile,
         profile_node,
         run,
+        sandbox,
         worker,
         zoo,
     )

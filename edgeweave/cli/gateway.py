@@ -14,6 +14,7 @@ from edgeweave.cli.serving import TOKEN_ENV, configure_logging, parse_listen, re
 
 if TYPE_CHECKING:
     from edgeweave.worker.gateway import GatewayConfig
+    from edgeweave.worker.routing import Stage0Route
 
 # aiohttp and prometheus-client (the worker extra) are imported inside the command:
 # every CLI invocation imports this module, and `edgeweave plan` needs neither.
@@ -26,7 +27,8 @@ results (start the last stage with this gateway's URL as its --downstream).
 Endpoints: `GET /v2/health/live`, `GET /v2/health/ready` (200 once a request has made
 the round trip), `GET /v2`, `GET /v2/models/NAME`, `GET /v2/models/NAME/ready`,
 `POST /v2/models/NAME/infer` (JSON or binary tensors), `GET /metrics` (Prometheus),
-`POST /v1/stream` (frames; bearer token).
+`POST /v1/stream` (frames; bearer token), `GET`/`PUT /v1/stage0` (where stage 0 is:
+the operator moves it after a re-plan without restarting the gateway; bearer token).
 
 The metadata file is `{{"inputs": [...], "outputs": [...]}}`, each tensor
 `{{"name": ..., "datatype": "FP32", "shape": [-1, 3, 224, 224]}}` with -1 for the batch.
@@ -56,8 +58,13 @@ def gateway_command(
         show_default=False,
     ),
     stage0: list[str] = typer.Option(
-        ..., "--stage0", metavar="URL", help="Base URL of a stage-0 replica; repeat for replicas.",
+        [], "--stage0", metavar="URL", help="Base URL of a stage-0 replica; repeat for replicas.",
         show_default=False,
+    ),
+    stage0_file: Path | None = typer.Option(
+        None, "--stage0-file", metavar="FILE",
+        help='The stage-0 route ({"revision", "urls", "serial"}, the operator\'s ConfigMap), '
+        "re-read as it changes.",
     ),
     token_file: Path | None = typer.Option(
         None, "--token-file", metavar="FILE", help=f"The pipeline token (else ${TOKEN_ENV})."
@@ -87,9 +94,13 @@ def gateway_command(
 
     configure_logging(log_level, "gateway")
     host, port = parse_listen(listen)
+    route = _initial_route(stage0, stage0_file)
     config = GatewayConfig(
         metadata=load_metadata(metadata, model_name),
-        stage0_urls=tuple(stage0),
+        stage0_urls=route.urls,
+        stage0_revision=route.revision,
+        stage0_serial=route.serial,
+        stage0_file=stage0_file,
         token=read_token(token_file, needed_by="the gateway"),
         api_keys=read_api_keys(api_key_file) if api_key_file is not None else frozenset(),
         limits=limits_for_body(int(max_body_mb * 2**20)),
@@ -97,6 +108,19 @@ def gateway_command(
         max_inflight=max_inflight,
     )
     asyncio.run(_serve(config, host, port))
+
+
+def _initial_route(stage0: list[str], stage0_file: Path | None) -> Stage0Route:
+    from edgeweave.errors import EdgeweaveError
+    from edgeweave.worker.routing import read_route_file, route_of_urls
+
+    if stage0 and stage0_file is not None:
+        raise EdgeweaveError("give stage 0 by --stage0 or by --stage0-file, not both")
+    if stage0_file is not None:
+        return read_route_file(stage0_file)
+    if not stage0:
+        raise EdgeweaveError("the gateway needs stage 0: --stage0 URL (repeat) or --stage0-file")
+    return route_of_urls(stage0)
 
 
 async def _serve(config: GatewayConfig, host: str, port: int) -> None:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ from edgeweave.operator.churn import (
     decide,
     reprice,
 )
+from edgeweave.operator.gatewayroute import push_route
 from edgeweave.operator.inventory import (
     NodeRecord,
     NoMatchingNodesError,
@@ -84,6 +86,7 @@ from edgeweave.partition.costmodel import CostModelError, Node, Plan
 from edgeweave.partition.graph import ModelError
 from edgeweave.partition.planner import InfeasiblePlanError
 from edgeweave.partition.source import ProfiledModel
+from edgeweave.worker.routing import Stage0Route
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,8 @@ class Runtime:
     plans: OrderedDict[tuple[Any, ...], Plan] = field(default_factory=OrderedDict)
     judged: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Per pipeline: the last candidate plan passed over, and why (announced once)."""
+    route_pushes: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """Per pipeline: the stage-0 revision some gateway pod has not confirmed, since when."""
 
     # ------------------------------------------------------------------ plumbing
 
@@ -169,6 +174,7 @@ class Runtime:
         self.locks.pop(key, None)
         self.lost.pop(key, None)
         self.judged.pop(key, None)
+        self.route_pushes.pop(key, None)
 
     # ------------------------------------------------------------------ reconcile
 
@@ -357,7 +363,8 @@ class Runtime:
         }
         metadata = model_metadata(prepared.profiled, ref.name)
         await self._apply(body, r.plan_configmap(ref, plan_document, metadata), applied)
-        await self._apply(body, r.gateway_service(ref, spec), applied)
+        await self._apply(body, r.gateway_service(ref, spec, self.config.gateway_service_type),
+                          applied)
 
         old = [pod for pod in pods if _revision(pod) != rollout.revision]
         in_place = bool(old) and not _make_before_break(spec, rollout, old, chosen.nodes)
@@ -373,7 +380,8 @@ class Runtime:
         current = await self.call(self.kube.list, r.PODS, ref.namespace,
                                   {s.LABEL_PIPELINE: ref.name, s.LABEL_REVISION: rollout.revision})
         observed = _observe(rollout, current, old)
-        switched = await self._advance_gateway(body, rollout, observed, in_place, applied)
+        switched = await self._advance_gateway(body, rollout, observed, in_place, token,
+                                               applied)
         if switched and old:
             await self._retire(body, ref, rollout.revision,
                                "make-before-break: the new plan serves")
@@ -384,12 +392,24 @@ class Runtime:
         )
         if switched and not observed.pods_waiting and not observed.pods_failing:
             self.lost.pop(key, None)
-        endpoint = r.gateway_url(ref, spec.gateway.port, self.config)
+        endpoint = await self._endpoint(ref, spec)
         new_status = compose(previous, generation=generation, plan=chosen.status, failure=None,
                              observed=observed, endpoint=endpoint, lost_hosts=self.lost.get(key))
         await self._write_status(body, previous, new_status)
         busy = observed.pods_waiting or observed.pods_missing or old or not switched
         return s.ROLLOUT_POLL_S if busy else None
+
+    async def _endpoint(self, ref: r.PipelineRef, spec: InferencePipelineSpec) -> str:
+        """The load balancer's address when the gateway Service has one, else its DNS name."""
+        service = await self.call(self.kube.get, r.SERVICES, ref.namespace,
+                                  r.gateway_name(ref.name))
+        ingress = (((service or {}).get("status") or {}).get("loadBalancer") or {}).get(
+            "ingress") or []
+        host = next((i.get("ip") or i.get("hostname") for i in ingress
+                     if i.get("ip") or i.get("hostname")), None)
+        if host:
+            return f"http://{host}:{spec.gateway.port}"
+        return r.gateway_url(ref, spec.gateway.port, self.config)
 
     async def _advance_gateway(
         self,
@@ -397,24 +417,70 @@ class Runtime:
         rollout: r.Rollout,
         observed: Observed,
         in_place: bool,
+        token: str,
         applied: Counter[str],
     ) -> bool:
         """Point the gateway at ``rollout`` once its stage pods are all Ready (at once when
-        rolling out in place or when there is no gateway yet); report whether it has
-        rolled out onto them."""
+        rolling out in place or when there is no gateway yet); report whether every
+        gateway pod follows it and the gateway has rolled out."""
         ref = rollout.ref
         gateway = await self.call(self.kube.get, r.DEPLOYMENTS, ref.namespace,
                                   r.gateway_name(ref.name))
         stages_ready = not (observed.pods_waiting or observed.pods_missing
                             or observed.pods_failing)
+        confirmed = _stage0_revision(gateway)
         if gateway is None or in_place or stages_ready:
-            if gateway is not None and _stage0_revision(gateway) != rollout.revision:
+            route = await self._write_route(body, rollout, applied)
+            if gateway is None:
+                confirmed = rollout.revision  # its pods read the route file as they start
+            elif confirmed != rollout.revision and await self._push_route(body, route, token):
                 kopf.info(body, reason="GatewaySwitched",
                           message=f"gateway now sends to plan revision {rollout.revision}")
-            await self._apply(body, r.gateway_deployment(rollout), applied)
+                confirmed = rollout.revision
+            await self._apply(body, r.gateway_deployment(rollout, confirmed or ""), applied)
             gateway = await self.call(self.kube.get, r.DEPLOYMENTS, ref.namespace,
                                       r.gateway_name(ref.name))
-        return _stage0_revision(gateway) == rollout.revision and r.deployment_rolled_out(gateway)
+        return confirmed == rollout.revision and r.deployment_rolled_out(gateway)
+
+    async def _write_route(self, body: Mapping[str, Any], rollout: r.Rollout,
+                           applied: Counter[str]) -> Stage0Route:
+        """Rewrite the route ConfigMap, its serial one above the last route it held."""
+        ref = rollout.ref
+        existing = r.route_of_configmap(await self.call(
+            self.kube.get, r.CONFIGMAPS, ref.namespace, r.stage0_configmap_name(ref.name)))
+        serial = 0 if existing is None else existing.serial
+        if existing is not None and existing.revision != rollout.revision:
+            serial += 1
+        route = r.stage0_route(rollout, serial)
+        await self._apply(body, r.stage0_configmap(rollout, serial), applied)
+        return route
+
+    async def _push_route(self, body: Mapping[str, Any], route: Stage0Route,
+                          token: str) -> bool:
+        """Whether every gateway pod now follows ``route`` (or, past the grace period,
+        whether kubelet can be trusted to deliver it through the ConfigMap)."""
+        metadata = body["metadata"]
+        key = f"{metadata['namespace']}/{metadata['name']}"
+        pods = await self.call(self.kube.list, r.PODS, metadata["namespace"],
+                               {s.LABEL_PIPELINE: metadata["name"],
+                                s.LABEL_COMPONENT: s.COMPONENT_GATEWAY})
+        outcome = await push_route(pods, route, token)
+        if outcome.complete:
+            self.route_pushes.pop(key, None)
+            return True
+        first_try = self.route_pushes.setdefault(key, (route.revision, time.monotonic()))
+        if first_try[0] != route.revision:
+            self.route_pushes[key] = first_try = (route.revision, time.monotonic())
+        waited = time.monotonic() - first_try[1]
+        unreached = "; ".join(f"{pod}: {why}" for pod, why in sorted(outcome.unreached.items()))
+        if waited < self.config.route_push_grace_s:
+            log.info("%s: gateway pods not switched yet (%s)", key, unreached)
+            return False
+        kopf.warn(body, reason="GatewayUnreachable",
+                  message=f"could not tell gateway pods of plan revision {route.revision} for "
+                          f"{waited:.0f}s ({unreached}); relying on their route ConfigMap")
+        self.route_pushes.pop(key, None)
+        return True
 
     def _announce_plan(
         self, body: Mapping[str, Any], chosen: Chosen, previous: InferencePipelineStatus | None

@@ -32,6 +32,7 @@ from typing import Any
 from edgeweave.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, VERSION, InferencePipelineSpec
 from edgeweave.errors import EdgeweaveError
 from edgeweave.operator import settings as s
+from edgeweave.worker.routing import RouteError, Stage0Route
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,10 @@ def plan_configmap_name(pipeline: str) -> str:
 
 def gateway_name(pipeline: str) -> str:
     return f"{pipeline}-gateway"
+
+
+def stage0_configmap_name(pipeline: str) -> str:
+    return f"{pipeline}-stage0"
 
 
 def stage_service_name(pipeline: str, stage: int, revision: str) -> str:
@@ -323,8 +328,39 @@ def stage_objects(rollout: Rollout) -> list[dict[str, Any]]:
     return services + pods
 
 
-def gateway_deployment(rollout: Rollout) -> dict[str, Any]:
-    """The front door, sending to ``rollout``'s stage 0 (switched once that revision serves)."""
+def stage0_configmap(rollout: Rollout, serial: int) -> dict[str, Any]:
+    """Where the gateway sends: switched by rewriting this, never by a new gateway pod
+    (a new pod would lose the requests the old one holds)."""
+    ref = rollout.ref
+    route = stage0_route(rollout, serial)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(stage0_configmap_name(ref.name), ref, ref.labels("stage0")),
+        "data": {s.STAGE0_KEY: route.to_json()},
+    }
+
+
+def stage0_route(rollout: Rollout, serial: int) -> Stage0Route:
+    return Stage0Route(revision=rollout.revision, urls=tuple(stage_urls(rollout, 0)),
+                       serial=serial)
+
+
+def route_of_configmap(configmap: Mapping[str, Any] | None) -> Stage0Route | None:
+    """The route an existing ConfigMap holds (None when absent or unreadable)."""
+    text = ((configmap or {}).get("data") or {}).get(s.STAGE0_KEY)
+    if not text:
+        return None
+    try:
+        return Stage0Route.from_json(text)
+    except RouteError:
+        return None
+
+
+def gateway_deployment(rollout: Rollout, stage0_revision: str) -> dict[str, Any]:
+    """The front door. Its pods follow the route ConfigMap (and the operator's pushes);
+    ``stage0_revision`` records the plan revision every gateway pod confirmed following,
+    so the template never changes with a re-plan and the pods live on."""
     ref, spec = rollout.ref, rollout.spec
     labels = ref.labels(s.COMPONENT_GATEWAY)
     args = [
@@ -332,10 +368,11 @@ def gateway_deployment(rollout: Rollout) -> dict[str, Any]:
         "--model-name", ref.name,
         "--metadata", f"{s.PLAN_MOUNT}/{s.METADATA_KEY}",
         "--listen", f"0.0.0.0:{s.GATEWAY_CONTAINER_PORT}",
-        *[arg for url in stage_urls(rollout, 0) for arg in ("--stage0", url)],
+        "--stage0-file", f"{s.STAGE0_MOUNT}/{s.STAGE0_KEY}",
         "--token-file", f"{s.TOKEN_MOUNT}/{s.TOKEN_KEY}",
     ]
-    volumes = [_token_volume(ref), _plan_volume(ref), _tmp_volume()]
+    volumes = [_token_volume(ref), _plan_volume(ref), _tmp_volume(),
+               {"name": "stage0", "configMap": {"name": stage0_configmap_name(ref.name)}}]
     key_ref = spec.auth.api_key_secret_ref
     if key_ref is not None:
         args += ["--api-key-file", f"{s.API_KEY_MOUNT}/api-key"]
@@ -356,11 +393,14 @@ def gateway_deployment(rollout: Rollout) -> dict[str, Any]:
     container["volumeMounts"].append(
         {"name": "plan", "mountPath": s.PLAN_MOUNT, "readOnly": True}
     )
+    container["volumeMounts"].append(
+        {"name": "stage0", "mountPath": s.STAGE0_MOUNT, "readOnly": True}
+    )
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _metadata(
-            gateway_name(ref.name), ref, labels, {s.ANNOTATION_STAGE0: rollout.revision}
+            gateway_name(ref.name), ref, labels, {s.ANNOTATION_STAGE0: stage0_revision}
         ),
         "spec": {
             "replicas": spec.gateway.replicas,
@@ -370,21 +410,25 @@ def gateway_deployment(rollout: Rollout) -> dict[str, Any]:
             "strategy": {"type": "RollingUpdate",
                          "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
-                "metadata": {"labels": labels,
-                             "annotations": {s.ANNOTATION_STAGE0: rollout.revision}},
+                "metadata": {"labels": labels},
                 "spec": {**_pod_security(), "containers": [container], "volumes": volumes},
             },
         },
     }
 
 
-def gateway_service(ref: PipelineRef, spec: InferencePipelineSpec) -> dict[str, Any]:
+def gateway_service(ref: PipelineRef, spec: InferencePipelineSpec,
+                    service_type: str = "ClusterIP") -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(gateway_name(ref.name), ref, ref.labels(s.COMPONENT_GATEWAY)),
         "spec": {
             "selector": {s.LABEL_PIPELINE: ref.name, s.LABEL_COMPONENT: s.COMPONENT_GATEWAY},
+            # The last stage streams results here, and a gateway turns Ready only once a
+            # result came back: endpoints that waited for Ready would never get one.
+            "publishNotReadyAddresses": True,
+            "type": service_type,
             "ports": [{"name": "http", "port": spec.gateway.port,
                        "targetPort": s.GATEWAY_CONTAINER_PORT}],
         },

@@ -61,6 +61,13 @@ TOKEN_KEY = "token"
 """Key of the pipeline token in its Secret."""
 TOKEN_MOUNT = "/var/run/edgeweave/token"
 PLAN_MOUNT = "/etc/edgeweave/plan"
+STAGE0_MOUNT = "/etc/edgeweave/stage0"
+STAGE0_KEY = "stage0.json"
+ROUTE_PUSH_TIMEOUT_S = 2.0
+"""How long the operator waits for a gateway pod to confirm a new stage-0 route."""
+ROUTE_PUSH_GRACE_S = 90.0
+"""How long the operator keeps trying to reach a gateway pod before it trusts kubelet
+to deliver the rewritten route ConfigMap instead (its sync period is about a minute)."""
 API_KEY_MOUNT = "/var/run/edgeweave/api-key"
 METADATA_KEY = "metadata.json"
 PLAN_KEY = "plan.json"
@@ -99,6 +106,10 @@ class OperatorConfig:
     resync_interval_s: float = RESYNC_INTERVAL_S
     download_timeout_s: float = 60.0
     cluster_domain: str = "cluster.local"
+    route_push_grace_s: float = ROUTE_PUSH_GRACE_S
+    gateway_service_type: str = "ClusterIP"
+    """``LoadBalancer`` where one exists (K3s ServiceLB, MetalLB, the sandbox): then
+    ``status.endpoint`` is the load balancer's address."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -122,6 +133,9 @@ class OperatorConfig:
             resync_interval_s=float(env.get("EDGEWEAVE_RESYNC_SECONDS", RESYNC_INTERVAL_S)),
             download_timeout_s=float(env.get("EDGEWEAVE_DOWNLOAD_TIMEOUT_SECONDS", 60.0)),
             cluster_domain=env.get("EDGEWEAVE_CLUSTER_DOMAIN", "cluster.local"),
+            route_push_grace_s=float(env.get("EDGEWEAVE_ROUTE_PUSH_GRACE_SECONDS",
+                                             ROUTE_PUSH_GRACE_S)),
+            gateway_service_type=env.get("EDGEWEAVE_GATEWAY_SERVICE_TYPE", "ClusterIP"),
         )
 
 

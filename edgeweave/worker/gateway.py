@@ -56,7 +56,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -77,7 +77,9 @@ from edgeweave.worker.link import (
     Delivery,
     LinkPool,
     StreamReceiver,
+    bearer_token_matches,
     stream_url,
+    unauthorized,
 )
 from edgeweave.worker.metrics import WorkerMetrics
 from edgeweave.worker.protocol import (
@@ -94,6 +96,7 @@ from edgeweave.worker.protocol import (
     error_body,
     numpy_dtype,
 )
+from edgeweave.worker.routing import STAGE0_PATH, RouteError, Stage0Route, read_route_file
 
 log = logging.getLogger("edgeweave.gateway")
 
@@ -148,6 +151,12 @@ class GatewayConfig:
     max_inflight: int = 1024
     """Requests held at once; more are refused with 429 so memory stays bounded."""
     max_outstanding_per_link: int = DEFAULT_MAX_OUTSTANDING
+    stage0_revision: str = ""
+    """The plan revision ``stage0_urls`` belong to (empty when given by hand)."""
+    stage0_serial: int = 0
+    stage0_file: Path | None = None
+    """A route file to follow live (the operator's ``<pipeline>-stage0`` ConfigMap)."""
+    stage0_file_poll_s: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage0_urls", tuple(self.stage0_urls))
@@ -387,6 +396,8 @@ class Gateway:
         self.worker_metrics = WorkerMetrics(role="gateway", name=config.metadata.name)
         self.metrics = _GatewayMetrics(self.worker_metrics)
         self.pool: LinkPool | None = None
+        self.route = Stage0Route(revision=config.stage0_revision, urls=config.stage0_urls,
+                                 serial=config.stage0_serial)
         self.receiver = StreamReceiver(
             config.token,
             self._accept_result,
@@ -423,6 +434,8 @@ class Gateway:
             app.router.add_post(f"{prefix}/infer", self._infer)
         app.router.add_get("/metrics", self.worker_metrics.handle)
         app.router.add_post(STREAM_PATH, self.receiver.handle)
+        app.router.add_get(STAGE0_PATH, self._show_route)
+        app.router.add_put(STAGE0_PATH, self._replace_route)
         app.on_startup.append(self._start)
         app.on_shutdown.append(self._shut_down)
         app.on_cleanup.append(self._close_pool)
@@ -439,6 +452,9 @@ class Gateway:
             asyncio.create_task(self._watch_stage0(), name="edgeweave-gateway-watch"),
             asyncio.create_task(self._probe_loop(), name="edgeweave-gateway-probe"),
         ]
+        if self.config.stage0_file is not None:
+            self._background.append(asyncio.create_task(
+                self._follow_route_file(self.config.stage0_file), name="edgeweave-gateway-route"))
 
     async def _shut_down(self, _app: web.Application) -> None:
         for task in self._background:
@@ -457,9 +473,54 @@ class Gateway:
 
     def set_stage0(self, urls: Sequence[str]) -> None:
         """Point the gateway at a new set of stage-0 replicas (a re-plan), live."""
+        self._switch(replace(self.route, revision="", urls=tuple(urls)))
+
+    def set_route(self, route: Stage0Route) -> bool:
+        """Follow ``route`` unless the gateway already holds a newer one; report if it did."""
+        if not route.newer_than(self.route):
+            return False
+        self._switch(route)
+        return True
+
+    def _switch(self, route: Stage0Route) -> None:
         if self.pool is None:
             raise RuntimeError("the gateway has not started")
-        self.pool.set_targets(urls)
+        self.pool.set_targets(route.urls)
+        if route.urls != self.route.urls:
+            log.info("stage 0 is now %s (plan revision %s)", ", ".join(route.urls),
+                     route.revision or "unknown")
+        self.route = route
+
+    async def _follow_route_file(self, path: Path) -> None:
+        """Re-read the mounted route file: kubelet rewrites it when the ConfigMap changes."""
+        last_error = ""
+        while True:
+            await asyncio.sleep(self.config.stage0_file_poll_s)
+            try:
+                route = read_route_file(path)
+            except RouteError as exc:
+                if str(exc) != last_error:
+                    log.warning("keeping stage 0 as it is: %s", exc)
+                last_error = str(exc)
+                continue
+            last_error = ""
+            self.set_route(route)
+
+    async def _show_route(self, request: web.Request) -> web.Response:
+        if not bearer_token_matches(request, self.config.token):
+            return unauthorized()
+        return web.json_response(self.route.to_document())
+
+    async def _replace_route(self, request: web.Request) -> web.Response:
+        """The operator's push after a re-plan; answers with the route now in use."""
+        if not bearer_token_matches(request, self.config.token):
+            return unauthorized()
+        try:
+            route = Stage0Route.from_json(await request.read(), "the request body")
+        except RouteError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        self.set_route(route)
+        return web.json_response(self.route.to_document())
 
     # ------------------------------------------------------------------ errors, auth
 

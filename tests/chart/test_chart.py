@@ -401,7 +401,7 @@ def _rollout(ref: r.PipelineRef = REF, **spec: Any) -> r.Rollout:
 
 def _pipeline_pods(rollout: r.Rollout) -> list[dict[str, Any]]:
     stage_pods = [o for o in r.stage_objects(rollout) if o["kind"] == "Pod"]
-    return [*stage_pods, r.gateway_deployment(rollout)]
+    return [*stage_pods, r.gateway_deployment(rollout, rollout.revision)]
 
 
 @pytest.mark.parametrize("spec", [

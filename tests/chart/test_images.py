@@ -343,8 +343,9 @@ def worker_image_commands() -> list[list[str]]:
     """What runs in the worker image: the operator's stage and gateway containers, and
     the image's own default command."""
     rollout = _worker_rollout()
+    objects = (*r.stage_objects(rollout), r.gateway_deployment(rollout, rollout.revision))
     containers = [pod_spec_of(o)["containers"][0]
-                  for o in (*r.stage_objects(rollout), r.gateway_deployment(rollout))
+                  for o in objects
                   if o["kind"] in {"Pod", "Deployment"}]
     commands = [[*c["command"], c["args"][0], "--help"] for c in containers]
     runtime = stages(WORKER_DOCKERFILE)[-1]

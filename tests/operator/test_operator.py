@@ -252,7 +252,8 @@ def test_apply_plans_and_pins_one_owned_pod_per_replica(
         stage = pod["metadata"]["labels"][s.LABEL_STAGE]
         assert pod["metadata"]["name"].startswith(f"vision-s{stage}-")
 
-    for api_version, kind, count in (("v1", "Secret", 1), ("v1", "ConfigMap", 1),
+    # ConfigMaps: the plan and the gateway's stage-0 route.
+    for api_version, kind, count in (("v1", "Secret", 1), ("v1", "ConfigMap", 2),
                                      ("apps/v1", "Deployment", 1),
                                      ("v1", "Service", len(plan["stages"]) + 1)):
         objects = cluster.owned(api_version, kind, "vision")

@@ -104,7 +104,7 @@ def test_stage_services_are_headless_and_select_one_revision() -> None:
 
 
 def test_pods_meet_the_restricted_pod_security_standard() -> None:
-    for obj in [r.stage_pod(rollout(), 0, "a"), r.gateway_deployment(rollout())]:
+    for obj in [r.stage_pod(rollout(), 0, "a"), r.gateway_deployment(rollout(), "r")]:
         pod_spec = obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
         assert pod_spec["securityContext"]["runAsNonRoot"] is True
         assert pod_spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -135,16 +135,27 @@ def test_the_revision_moves_with_the_image_and_not_otherwise() -> None:
 def test_the_gateway_sends_to_stage_zero_and_mounts_the_api_key() -> None:
     plan = rollout(spec(auth={"apiKeySecretRef": {"name": "keys", "key": "vision"}},
                         gateway={"port": 9090, "replicas": 2}))
-    deployment = r.gateway_deployment(plan)
+    deployment = r.gateway_deployment(plan, plan.revision)
     assert deployment["spec"]["replicas"] == 2
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert args_of(container, "--stage0") == r.stage_urls(plan, 0)
+    route_file = args_of(container, "--stage0-file")
+    assert route_file == [f"{s.STAGE0_MOUNT}/{s.STAGE0_KEY}"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["stage0"] == s.STAGE0_MOUNT
+    configmap = r.stage0_configmap(plan, serial=3)
+    route = r.route_of_configmap(configmap)
+    assert route is not None
+    assert (route.urls, route.revision, route.serial) == (tuple(r.stage_urls(plan, 0)),
+                                                          plan.revision, 3)
     assert args_of(container, "--api-key-file") == [f"{s.API_KEY_MOUNT}/api-key"]
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["stage0"]["configMap"]["name"] == configmap["metadata"]["name"]
     assert volumes["api-key"]["secret"] == {"secretName": "keys",
                                             "items": [{"key": "vision", "path": "api-key"}]}
     service = r.gateway_service(REF, plan.spec)
     assert service["spec"]["ports"][0]["port"] == 9090
+    # The gateway turns Ready only after a result came back through the Service.
+    assert service["spec"]["publishNotReadyAddresses"] is True
     assert r.gateway_url(REF, 9090, CONFIG) == "http://vision-gateway.edge.svc.cluster.local:9090"
 
 
