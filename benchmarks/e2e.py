@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/e2e.py [--models resnet50,vit_b_16] [--duration 20] \
         [--windows 2] [--concurrency 8] [--churn-model resnet50] [--nice -20] \
-        [--no-emulate] [--json benchmarks/results/e2e.json] \
+        [--layer-costs measured|flops] [--no-emulate] [--json benchmarks/results/e2e.json] \
         [--plot benchmarks/results/e2e-churn.png]
+    .venv/bin/python benchmarks/e2e.py --frame-overhead [--nice -20]
 
 The closing figures of the end-to-end issue, each measured through the whole
 product: ``edgeweave sandbox`` (the emulated API, the real operator as a process,
@@ -37,6 +38,21 @@ for each model on that model (as ``edgeweave profile-node --model`` would), and
 labels each node ``quota x per-core GFLOPS``. Each node has ``allocatable.cpu`` ≤ 1,
 so every stage runs one onnxruntime thread, held to its quota by the node's cgroup.
 
+**Layer costs.** With ``--layer-costs measured`` (the default) the operator is asked
+(``EDGEWEAVE_LAYER_COSTS``) to price layers by their measured share of the model's
+time (:mod:`edgeweave.layertiming`, :func:`edgeweave.partition.calibrate.calibrate_flops`)
+instead of by FLOPs alone. The script measures the layer times itself first, into the
+operator's cache, while the machine is quiet, so the operator reads them rather than
+timing the model beside running stages; after the plan it checks which pricing the
+operator's predictions follow and says so.
+
+**Per-frame CPU.** Each replica's CPU time per frame (the processes in its node's
+cgroup) is set beside its compute alone at full speed (the planner's time x the
+node's quota); the difference is the stage's frame handling (receive, decode, encode,
+send), which runs inside the same quota but which the cost model does not price.
+``--frame-overhead`` measures that handling in isolation instead: a real stage worker,
+unthrottled, fed frames of several sizes, its process CPU minus its own compute time.
+
 **Noise.** The machine is shared; other work only ever lowers a figure, so
 throughput is measured in ``--windows`` windows and the best is reported beside the
 median, with the load average. ``--nice -20`` (root) favours this benchmark's
@@ -46,8 +62,10 @@ processes and the emulated nodes' cgroups over the neighbours'.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -77,6 +95,12 @@ COMPUTE_NODES: tuple[tuple[str, float, float, float], ...] = (
 """(name, CPU quota in cores, link in Mbit/s, memory as a share of the model's memory)
 of the heterogeneous compute nodes: no node holds the whole model."""
 GATEWAY_NODE = ("gateway", 0.5, 1000.0)
+NODE_QUOTA = {name: cpu for name, cpu, _, _ in COMPUTE_NODES}
+LAYER_COSTS_ENV = "EDGEWEAVE_LAYER_COSTS"
+"""The operator setting that chooses how layers are priced (``flops`` or ``measured``)."""
+OVERHEAD_IN_SIZES = (64 * 2**10, 512 * 2**10, 2**20, 2 * 2**20, 4 * 2**20)
+OVERHEAD_SMALL_OUT = 4 * 2**10
+"""Bytes out of the "small output" shard (a last stage's logits are a few KiB)."""
 
 
 # --------------------------------------------------------------------------- cluster
@@ -205,6 +229,10 @@ class ThroughputRow:
     load_average: float
     replicas: list[dict[str, Any]] = field(default_factory=list)
     """Per stage replica in the last window: predicted vs measured compute per frame."""
+    layer_costs: str = "flops"
+    """How the operator's prediction priced layers (checked against its figures)."""
+    layer_timing: dict[str, Any] | None = None
+    """The measured layer times the calibration used (summary), if any."""
 
     @property
     def best_per_s(self) -> float:
@@ -225,6 +253,58 @@ def calibrate(model: str, seconds: float) -> float:
     return figures.gflops
 
 
+def measure_layers(model: str) -> dict[str, Any]:
+    """Time the model's layers into the operator's cache now, while nothing else runs."""
+    from edgeweave.local.run import default_cache_dir
+    from edgeweave.modelstore import ModelStore
+    from edgeweave.partition.calibrate import layer_speeds
+
+    store = ModelStore(default_cache_dir())
+    stored = store.resolve(f"zoo:{model}")
+    profiled = store.profile(stored)
+    times = store.layer_times(stored, profiled)
+    speeds = layer_speeds(profiled.profile, times.seconds)
+    slowest = sorted(range(len(speeds)), key=speeds.__getitem__)[:3]
+    print(f"layer times {model}: {len(times.seconds)} layers, sum {times.kernel_s * 1e3:.1f} ms "
+          f"vs whole run {times.run_s * 1e3:.1f} ms (kernels {times.kernel_share:.0%} of each "
+          f"run); slowest per FLOP: " + ", ".join(
+              f"{profiled.profile.layers[i].name} x{speeds[i]:.2f}" for i in slowest),
+          flush=True)
+    return {"layers": len(times.seconds), "kernel_ms": times.kernel_s * 1e3,
+            "run_ms": times.run_s * 1e3, "kernel_share": times.kernel_share,
+            "by_order_ms": times.by_order_s * 1e3, "runs": times.runs,
+            "onnxruntime": times.onnxruntime, "speeds": list(speeds)}
+
+
+def operator_pricing(model: str, status: dict[str, Any], core_gflops: float) -> str:
+    """Which layer costs the operator's ``computeSeconds`` follow: ``flops`` or ``measured``.
+
+    Each replica's predicted compute is re-priced by the cost model from both profiles
+    on the node as the operator read it (its GFLOPS label); the nearer wins.
+    """
+    from edgeweave.local.run import default_cache_dir
+    from edgeweave.modelstore import ModelStore
+    from edgeweave.partition.costmodel import CostTable, Node
+
+    store = ModelStore(default_cache_dir())
+    stored = store.resolve(f"zoo:{model}")
+    profiles = {costs: store.profile(stored, layer_costs=costs).profile
+                for costs in ("flops", "measured")}
+    gflops = {n["metadata"]["name"]: float(n["metadata"]["labels"]["edgeweave.io/gflops"])
+              for n in cluster_nodes(core_gflops, 1.0)[:len(COMPUTE_NODES)]}
+    errors = dict.fromkeys(profiles, 0.0)
+    for stage in status["plan"]["stages"]:
+        first, last = stage["layers"]
+        for name, predicted in zip(stage["nodes"], stage.get("computeSeconds") or [],
+                                   strict=False):
+            node = Node(name=name, device_class="sandbox-share", memory_bytes=2**40,
+                        bandwidth_bytes_per_s=1e12, gflops=gflops[name])
+            for costs, profile in profiles.items():
+                priced = CostTable(profile, [node]).compute_s(first, last, node)
+                errors[costs] += abs(priced - predicted) / predicted
+    return min(errors, key=errors.__getitem__)
+
+
 def model_memory_mb(model: str) -> float:
     """What the planner counts for the whole model: weights and working memory."""
     from edgeweave.partition.source import load_model_profile
@@ -233,11 +313,13 @@ def model_memory_mb(model: str) -> float:
     return sum(layer.mem_bytes for layer in profile.layers) / 2**20
 
 
-def start_sandbox(model: str, core_gflops: float, emulate: bool, run_dir: Path) -> Any:
+def start_sandbox(model: str, core_gflops: float, emulate: bool, run_dir: Path,
+                  layer_costs: str) -> Any:
     from edgeweave.sandbox.sandbox import Sandbox, SandboxOptions
 
     nodes = cluster_nodes(core_gflops, model_memory_mb(model))
-    sandbox = Sandbox(SandboxOptions(nodes=nodes, emulate=emulate, run_dir=run_dir / model))
+    sandbox = Sandbox(SandboxOptions(nodes=nodes, emulate=emulate, run_dir=run_dir / model,
+                                     operator_env={LAYER_COSTS_ENV: layer_costs}))
     sandbox.start()
     if emulate and os.nice(0) < 0:
         favour_emulated_nodes(os.nice(0))
@@ -262,6 +344,11 @@ def measure_throughput(sandbox: Any, model: str, core_gflops: float,
     status = wait_ready(sandbox, name)
     print(f"{model}: Ready in {time.monotonic() - started:.1f} s at {status['endpoint']}; "
           f"plan {plan_summary(status)}", flush=True)
+    priced_by = operator_pricing(model, status, core_gflops)
+    if priced_by != args.layer_costs:
+        print(f"WARNING: asked the operator ({LAYER_COSTS_ENV}={args.layer_costs}) to price "
+              f"layers by {args.layer_costs}, but its predictions follow {priced_by}: this "
+              "operator does not read the setting", flush=True)
     url = status["endpoint"]
     bench_window(url, name, args.concurrency, seconds=min(10.0, args.duration))  # warm-up
     windows, errors = [], 0
@@ -279,7 +366,8 @@ def measure_throughput(sandbox: Any, model: str, core_gflops: float,
     row = ThroughputRow(model=model, core_gflops=core_gflops,
                         predicted_per_s=float(status["plan"]["throughputPerSecond"]),
                         windows_per_s=windows, errors=errors, plan=plan_summary(status),
-                        load_average=os.getloadavg()[0], replicas=replicas)
+                        load_average=os.getloadavg()[0], replicas=replicas,
+                        layer_costs=priced_by)
     print(f"{model}: measured {row.best_per_s:.2f}/s (best of {len(windows)}) vs predicted "
           f"{row.predicted_per_s:.2f}/s = {row.ratio:.0%}", flush=True)
     return row, status
@@ -307,8 +395,34 @@ def stage_counters(sandbox: Any, name: str) -> dict[tuple[int, str], dict[str, f
                 if line.startswith(metric):
                     totals[metric] = totals.get(metric, 0.0) + float(line.rsplit(" ", 1)[1])
         stage = int(pod["metadata"]["labels"]["edgeweave.io/stage"])
+        cpu = node_cpu_seconds(sandbox, pod["spec"]["nodeName"])
+        if cpu is not None:
+            totals["cpu_seconds"] = cpu
         found[(stage, pod["spec"]["nodeName"])] = totals
     return found
+
+
+def node_cpu_seconds(sandbox: Any, node: str) -> float | None:
+    """CPU seconds (user + system, all threads) of the processes in an emulated node's cgroup.
+
+    Each compute node runs one stage pod, so this is that replica's whole cost:
+    onnxruntime and the frame handling around it.
+    """
+    if sandbox.emulator is None:
+        return None
+    try:
+        pids = (sandbox.emulator.node(node).cgroup / "cgroup.procs").read_text().split()
+    except (OSError, LookupError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def replica_figures(status: dict[str, Any], before: dict[tuple[int, str], dict[str, float]],
@@ -325,11 +439,17 @@ def replica_figures(status: dict[str, Any], before: dict[tuple[int, str], dict[s
                 "edgeweave_compute_seconds_sum", 0)
             busy = end.get("edgeweave_busy_seconds_total", 0) - start.get(
                 "edgeweave_busy_seconds_total", 0)
+            cpu = (end.get("cpu_seconds", math.nan) - start.get("cpu_seconds", math.nan))
             predicted = (stage.get("computeSeconds") or [None] * len(stage["nodes"]))[position]
+            full_core = (None if predicted is None
+                         else predicted * 1e3 * NODE_QUOTA.get(node, math.nan))
+            cpu_ms = cpu / frames * 1e3 if frames and math.isfinite(cpu) else None
             rows.append({"stage": index, "node": node, "frames": int(frames),
                          "predicted_ms": None if predicted is None else predicted * 1e3,
                          "measured_ms": spent / frames * 1e3 if frames else None,
-                         "busy_fraction": busy / seconds if seconds > 0 else None})
+                         "busy_fraction": busy / seconds if seconds > 0 else None,
+                         "cpu_ms": cpu_ms, "predicted_full_core_ms": full_core,
+                         "in_bytes": stage.get("inBytes"), "out_bytes": stage.get("outBytes")})
     return rows
 
 
@@ -425,6 +545,211 @@ def plot_churn(figures: dict[str, Any], model: str, path: Path) -> None:
     plt.close(figure)
 
 
+# --------------------------------------------------------------------------- frame handling
+
+OVERHEAD_TOKEN = "e2e-frame-overhead"
+OVERHEAD_WINDOW = 8
+
+
+@dataclass
+class OverheadRow:
+    """One frame size through a real, unthrottled stage worker: its CPU per frame."""
+
+    shard: str
+    in_bytes: int
+    out_bytes: int
+    frames: int
+    cpu_ms: float
+    """The stage process's CPU time per frame (every thread)."""
+    compute_ms: float
+    """Its onnxruntime time per frame (``edgeweave_compute_seconds``)."""
+
+    @property
+    def handling_ms(self) -> float:
+        return self.cpu_ms - self.compute_ms
+
+
+def frame_overhead_report(args: argparse.Namespace) -> None:
+    """Measure, fit and write the stage's frame handling cost (``--frame-overhead``)."""
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    rows = asyncio.run(measure_frame_overhead(args.duration / 4))
+    fit = fit_overhead(rows)
+    load = os.getloadavg()[0]
+    json_path = args.json.with_name("e2e-overhead.json")
+    markdown = args.markdown.with_name("e2e-overhead.md")
+    json_path.write_text(json.dumps({
+        "rows": [{**asdict(r), "handling_ms": r.handling_ms} for r in rows],
+        "fit_ms": fit, "load_average": load, "niceness": os.nice(0)}, indent=2) + "\n")
+    write_overhead_markdown(markdown, rows, fit, load)
+    print(f"wrote {json_path}, {markdown}")
+
+
+async def measure_frame_overhead(seconds: float) -> list[OverheadRow]:
+    folder = Path(tempfile.mkdtemp(prefix="edgeweave-e2e-overhead-"))
+    children: list[Any] = []
+    try:
+        (folder / "token").write_text(OVERHEAD_TOKEN)
+        sink = _spawn([str(REPO / "benchmarks" / "dataplane.py"), "--serve-sink"])
+        children.append(sink[0])
+        rows = []
+        for shard, out in (("identity", None), ("head", OVERHEAD_SMALL_OUT)):
+            stage, url = _spawn([
+                "-m", "edgeweave", "worker", "--shard", str(_overhead_shard(folder, out)),
+                "--listen", "127.0.0.1:0", "--downstream", sink[1], "--token-file",
+                str(folder / "token"), "--threads", "1", "--name", shard,
+                "--max-outstanding", str(OVERHEAD_WINDOW), "--log-level", "warning"])
+            children.append(stage)
+            for size in OVERHEAD_IN_SIZES:
+                rows.append(await _overhead_row(stage.pid, url, shard, size,
+                                                out or size, seconds))
+        return rows
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _overhead_row(pid: int, url: str, shard: str, in_bytes: int, out_bytes: int,
+                        seconds: float) -> OverheadRow:
+    import numpy as np
+
+    from edgeweave.worker.frames import FrameHeader, encode_frame
+    from edgeweave.worker.link import LinkPool
+
+    pool = LinkPool([url], OVERHEAD_TOKEN, max_outstanding_per_link=OVERHEAD_WINDOW)
+    while pool.links_up() == 0:
+        await asyncio.sleep(0.01)
+    tensor = np.random.default_rng(in_bytes).standard_normal(in_bytes // 4).astype(np.float32)
+
+    async def stream(count: int, tag: str) -> float:
+        started = time.perf_counter()
+        futures = []
+        for i in range(count):
+            frame_id = f"{tag}-{i}"
+            buffers = encode_frame(FrameHeader(frame_id), {"x": tensor})
+            futures.append(await pool.send(frame_id, buffers))
+        results = await asyncio.gather(*futures)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            raise RuntimeError(f"{len(failed)} frames failed through {shard}: {failed[0]}")
+        return time.perf_counter() - started
+
+    probe = 4 * OVERHEAD_WINDOW
+    per_frame = await stream(probe, f"warm{in_bytes}") / probe
+    count = max(4 * OVERHEAD_WINDOW, int(seconds / per_frame))
+    cpu_before, compute_before = _process_cpu_s(pid), _compute_s(url)
+    await stream(count, f"run{in_bytes}")
+    cpu = _process_cpu_s(pid) - cpu_before
+    compute = _compute_s(url) - compute_before
+    await pool.close()
+    row = OverheadRow(shard, in_bytes, out_bytes, count, cpu / count * 1e3,
+                      compute / count * 1e3)
+    print(f"  {shard}: in {in_bytes / 2**10:6.0f} KiB, out {out_bytes / 2**10:6.0f} KiB, "
+          f"{count} frames: CPU {row.cpu_ms:.3f} ms/frame, compute {row.compute_ms:.3f}, "
+          f"handling {row.handling_ms:.3f}", flush=True)
+    return row
+
+
+def _spawn(args: list[str]) -> tuple[Any, str]:
+    """A child process, once it prints the address it listens on."""
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True,
+                               cwd=REPO)
+    assert process.stdout is not None
+    while True:
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{args} exited before listening")
+        if "listening on " in line:
+            return process, line.strip().rsplit(" ", 1)[1]
+
+
+def _overhead_shard(folder: Path, out_elements_bytes: int | None) -> Path:
+    """Identity (out = in), or the first ``out`` bytes of the input (a small result)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m"])
+    if out_elements_bytes is None:
+        nodes, weights, name = [helper.make_node("Identity", ["x"], ["y"], name="id")], [], "id"
+    else:
+        weights = [numpy_helper.from_array(np.array([0], dtype=np.int64), "starts"),
+                   numpy_helper.from_array(np.array([out_elements_bytes // 4], dtype=np.int64),
+                                           "ends")]
+        nodes = [helper.make_node("Slice", ["x", "starts", "ends"], ["y"], name="head")]
+        name = "head"
+    graph = helper.make_graph(nodes, name, [x], [y], initializer=weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / f"{name}.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def _process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _compute_s(url: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("edgeweave_compute_seconds_sum"))
+
+
+def fit_overhead(rows: list[OverheadRow]) -> dict[str, float]:
+    """Least squares: handling ms = fixed + per_in_mib x in MiB + per_out_mib x out MiB."""
+    import numpy as np
+
+    design = np.array([[1.0, r.in_bytes / 2**20, r.out_bytes / 2**20] for r in rows])
+    target = np.array([r.handling_ms for r in rows])
+    (fixed, per_in, per_out), *_ = np.linalg.lstsq(design, target, rcond=None)
+    predicted = design @ np.array([fixed, per_in, per_out])
+    worst = float(np.max(np.abs(predicted - target)))
+    return {"fixed_ms": float(fixed), "per_in_mib_ms": float(per_in),
+            "per_out_mib_ms": float(per_out), "worst_residual_ms": worst}
+
+
+def write_overhead_markdown(path: Path, rows: list[OverheadRow], fit: dict[str, float],
+                            load: float) -> None:
+    lines = [
+        "# A stage's frame handling, measured",
+        "",
+        f"`python benchmarks/e2e.py {' '.join(sys.argv[1:])}` — a real stage worker "
+        "(`edgeweave worker`, one onnxruntime thread, no CPU quota) between this process and "
+        "a sink process on loopback, window "
+        f"{OVERHEAD_WINDOW}; {os.cpu_count()} CPUs, load average {load:.2f} at the end.",
+        "",
+        "CPU = the worker process's CPU time per frame (all threads); compute = its own "
+        "`edgeweave_compute_seconds` per frame (onnxruntime: a copy for Identity, a 4 KiB "
+        "slice for head); handling = CPU - compute: receiving, decoding, queueing, encoding "
+        "and sending the frame, which a stage pays inside its CPU quota and the cost model "
+        "does not price.",
+        "",
+        "| shard | in KiB | out KiB | frames | CPU ms/frame | compute ms/frame | "
+        "handling ms/frame |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.shard} | {r.in_bytes / 2**10:.0f} | {r.out_bytes / 2**10:.0f} | "
+                     f"{r.frames} | {r.cpu_ms:.3f} | {r.compute_ms:.3f} | "
+                     f"{r.handling_ms:.3f} |")
+    lines += [
+        "",
+        f"Fit (least squares): handling ms per frame = {fit['fixed_ms']:.3f} + "
+        f"{fit['per_in_mib_ms']:.3f} x in MiB + {fit['per_out_mib_ms']:.3f} x out MiB "
+        f"(worst residual {fit['worst_residual_ms']:.3f} ms), on one core of this machine.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -442,29 +767,46 @@ def write_markdown(path: Path, rows: list[ThroughputRow], churned: dict[str, Any
                               f"model)" for n, c, m, share in COMPUTE_NODES)
         + f"; the gateway on its own node ({GATEWAY_NODE[1]:g} CPU).",
         "",
-        "| model | GFLOPS/core | plan (layers → nodes) | predicted /s | measured /s (best) | "
-        "median | measured/predicted | errors | load avg |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| model | layers priced by | GFLOPS/core | plan (layers → nodes) | predicted /s | "
+        "measured /s (best) | median | measured/predicted | errors | load avg |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         plan = "; ".join(f"{s['layers'][0]}-{s['layers'][1]} → {'+'.join(s['nodes'])}"
                          for s in row.plan)
         lines.append(
-            f"| {row.model} | {row.core_gflops:.1f} | {plan} | {row.predicted_per_s:.2f} | "
+            f"| {row.model} | {row.layer_costs} | {row.core_gflops:.1f} | {plan} | "
+            f"{row.predicted_per_s:.2f} | "
             f"{row.best_per_s:.2f} | {statistics.median(row.windows_per_s):.2f} | "
             f"{row.ratio:.0%} | {row.errors} | {row.load_average:.2f} |")
     for row in rows:
+        if row.layer_timing is not None:
+            timing = row.layer_timing
+            lines += ["", f"{row.model} layer times (onnxruntime profiler, one thread, "
+                          f"{timing['runs']} runs): {timing['layers']} layers sum to "
+                          f"{timing['kernel_ms']:.1f} ms against a whole run of "
+                          f"{timing['run_ms']:.1f} ms (kernels are {timing['kernel_share']:.0%} "
+                          "of each run); FLOPs per second per layer from "
+                          f"{min(timing['speeds']):.2f}x to {max(timing['speeds']):.2f}x the "
+                          "model's average."]
         lines += ["", f"{row.model}, per stage replica in the last window (compute per frame "
                       "as the planner priced it and as the stage measured it, wall clock under "
-                      "its CPU quota; busy = share of the window spent computing):", "",
-                  "| stage | node | frames | predicted ms | measured ms | measured/predicted "
-                  "| busy |", "|---:|---|---:|---:|---:|---:|---:|"]
+                      "its CPU quota; busy = share of the window spent computing; CPU = the "
+                      "node's processes' CPU time per frame; compute at 1 core = predicted x "
+                      "quota; handling = CPU - compute at 1 core):", "",
+                  "| stage | node | in KiB | out KiB | frames | predicted ms | measured ms | "
+                  "measured/predicted | busy | CPU ms | compute at 1 core ms | handling ms |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for replica in row.replicas:
             predicted, measured = replica["predicted_ms"], replica["measured_ms"]
             ratio = f"{measured / predicted:.2f}" if predicted and measured else "n/a"
-            lines.append(f"| {replica['stage']} | {replica['node']} | {replica['frames']} | "
-                         f"{_fmt(predicted)} | {_fmt(measured)} | {ratio} | "
-                         f"{_fmt(replica['busy_fraction'])} |")
+            cpu, full = replica.get("cpu_ms"), replica.get("predicted_full_core_ms")
+            handling = cpu - full if cpu is not None and full is not None else None
+            lines.append(f"| {replica['stage']} | {replica['node']} | "
+                         f"{_kib(replica.get('in_bytes'))} | {_kib(replica.get('out_bytes'))} | "
+                         f"{replica['frames']} | {_fmt(predicted)} | {_fmt(measured)} | "
+                         f"{ratio} | {_fmt(replica['busy_fraction'])} | {_fmt(cpu)} | "
+                         f"{_fmt(full)} | {_fmt(handling)} |")
     if churned is not None:
         lines += [
             "",
@@ -499,6 +841,10 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _kib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 1024:.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet50,vit_b_16")
@@ -510,6 +856,10 @@ def main() -> None:
     parser.add_argument("--churn-before", type=float, default=15.0)
     parser.add_argument("--churn-after", type=float, default=20.0)
     parser.add_argument("--nice", type=int, default=0)
+    parser.add_argument("--layer-costs", choices=("measured", "flops"), default="measured",
+                        help="How the operator is asked to price layers.")
+    parser.add_argument("--frame-overhead", action="store_true",
+                        help="Only measure a stage's frame handling CPU per frame size.")
     parser.add_argument("--no-emulate", action="store_true")
     parser.add_argument("--json", type=Path, default=RESULTS / "e2e.json")
     parser.add_argument("--markdown", type=Path, default=RESULTS / "e2e.md")
@@ -519,6 +869,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.nice:
         os.nice(args.nice)
+    if args.frame_overhead:
+        frame_overhead_report(args)
+        return
     from edgeweave.local.emulate import emulation_available
 
     emulate = not args.no_emulate
@@ -530,9 +883,11 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="edgeweave-e2e-bench-"))
     for model in [m for m in args.models.split(",") if m]:
         core = calibrate(model, args.calibration_seconds)
-        sandbox = start_sandbox(model, core, emulate, run_dir)
+        timing = measure_layers(model) if args.layer_costs == "measured" else None
+        sandbox = start_sandbox(model, core, emulate, run_dir, args.layer_costs)
         try:
             row, status = measure_throughput(sandbox, model, core, args)
+            row.layer_timing = timing
             rows.append(row)
             if model == args.churn_model:
                 churned = churn(sandbox, model, status, args)

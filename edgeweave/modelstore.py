@@ -12,12 +12,20 @@ is then profiled (cached per model, batch and input shapes), planned by
 :func:`plan_pipeline`, and split into shards that are stored under their own sha256,
 so a stage pod can be handed ``/shards/<sha256>`` and check what it receives.
 
+Layers are priced by FLOPs, or with ``layer_costs="measured"`` by FLOPs redistributed
+by each layer's time in onnxruntime on this machine (:mod:`edgeweave.layertiming`,
+:func:`edgeweave.partition.calibrate.calibrate_flops`): the whole model's FLOPs stay
+what the nodes' GFLOPS labels were measured against, each layer carries its measured
+share. The times are measured once per model and kept on disk.
+
 Layout of the cache directory::
 
     models/<sha256>/<name>.onnx   # plus <name>.onnx.data for models over 2 GiB
     refs/<sha256 of the uri>.json # uri -> sha256, for zoo builds and downloads
     shards/<sha256>.onnx
     splits/<key>.json             # (model, batch, shapes, layer ranges) -> shard list
+    timings/<key>.json            # (model, batch, shapes, chain, threads, onnxruntime,
+                                  #  CPU) -> measured seconds per layer
 
 Every write goes to a temporary file first and is renamed into place, so a crash or
 two operators sharing the directory never leave a truncated model or shard behind.
@@ -26,9 +34,11 @@ two operators sharing the directory never leave a truncated model or shard behin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import platform
 import re
 import tempfile
 import threading
@@ -48,6 +58,7 @@ if TYPE_CHECKING:
     import onnx
 
     from edgeweave.api.v1alpha1 import InferencePipelineSpec, ModelInput
+    from edgeweave.layertiming import LayerTimes
     from edgeweave.partition.costmodel import Node, Plan
     from edgeweave.partition.source import ProfiledModel
 
@@ -58,6 +69,11 @@ SINGLE_FILE_LIMIT = 2**31 - 2**24
 """Protobuf cannot serialize 2 GiB; larger zoo models keep their weights beside the file."""
 PROFILE_CACHE_SIZE = 4
 """Profiled models kept in memory; each holds its weights, so keep few."""
+LAYER_COSTS = ("flops", "measured")
+"""How :meth:`ModelStore.profile` prices layers: by FLOP count, or by FLOPs
+redistributed by measured time (see the module's docstring)."""
+TIMING_THREADS = 1
+"""Layer times are taken on one onnxruntime thread, like the GFLOPS labels per core."""
 
 Opener = Callable[[str, float], IO[bytes]]
 """Opens a URL for reading (``urllib.request.urlopen``'s shape); injectable for tests."""
@@ -81,6 +97,10 @@ class ChecksumMismatchError(ModelStoreError):
 
 class ModelInputError(ModelStoreError, ValueError):
     """``spec.model.inputs`` names an input the model lacks or gives a shape it cannot take."""
+
+
+class LayerCostsError(ModelStoreError, ValueError):
+    """An unknown way of pricing layers (``layer_costs``)."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +161,7 @@ class ModelStore:
         self.root = Path(cache_dir)
         self.download_timeout_s = download_timeout_s
         self._open_url: Opener = opener or _urlopen
-        for folder in ("models", "refs", "shards", "splits", "tmp"):
+        for folder in ("models", "refs", "shards", "splits", "timings", "tmp"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._file_hashes: dict[tuple[str, int, int], str] = {}
@@ -240,9 +260,78 @@ class ModelStore:
         *,
         batch: int = 1,
         inputs: Sequence[ModelInput] = (),
+        layer_costs: str = "flops",
     ) -> ProfiledModel:
-        """The model's layer chain at ``batch``, with ``spec.model.inputs`` applied."""
-        key = (model.sha256, batch, tuple((item.name, tuple(item.shape)) for item in inputs))
+        """The model's layer chain at ``batch``, with ``spec.model.inputs`` applied.
+
+        ``layer_costs="measured"`` prices each layer by its measured share of the
+        model's time (:meth:`layer_times`, measured here on first use and then read from
+        disk); the chain, names and shards are the same either way.
+        """
+        if layer_costs not in LAYER_COSTS:
+            raise LayerCostsError(
+                f"layer costs {layer_costs!r}: use one of {', '.join(LAYER_COSTS)}"
+            )
+        profiled = self._flop_profile(model, batch=batch, inputs=inputs)
+        if layer_costs == "flops":
+            return profiled
+        key = (model.sha256, profiled.analysis.batch, _dims_key(inputs), layer_costs)
+        with self._lock:
+            cached = self._profiles.get(key)
+            if cached is not None:
+                self._profiles.move_to_end(key)
+                return cached
+        from edgeweave.partition.calibrate import calibrate_flops
+
+        times = self.layer_times(model, profiled)
+        calibrated = dataclasses.replace(
+            profiled, profile=calibrate_flops(profiled.profile, times.seconds)
+        )
+        self._remember(key, calibrated)
+        return calibrated
+
+    def layer_times(self, model: StoredModel, profiled: ProfiledModel) -> LayerTimes:
+        """Seconds per layer of ``profiled``'s chain on this machine, measured once.
+
+        Kept on disk per model file, batch and input shapes, chain of pieces,
+        onnxruntime version and CPU, so that a restarted operator does not measure
+        again while a pipeline runs on the same machine.
+        """
+        from edgeweave.layertiming import LayerTimes, measure_layer_times
+
+        path = self._timing_path(model, profiled)
+        try:
+            cached = LayerTimes.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            cached = None
+        if cached is not None and cached.layers == _layer_names(profiled):
+            return cached
+        times = measure_layer_times(
+            profiled.model, profiled.profile, profiled.analysis, threads=TIMING_THREADS,
+            external_data_dir=model.path.parent,
+        )
+        self._atomic_write(path, json.dumps(times.to_dict()).encode())
+        return times
+
+    def _timing_path(self, model: StoredModel, profiled: ProfiledModel) -> Path:
+        try:
+            from onnxruntime import __version__ as runtime
+        except ImportError:
+            runtime = "none"
+        key = _digest(json.dumps(
+            [model.sha256, profiled.analysis.batch,
+             sorted((name, list(t.shape)) for name, t in profiled.analysis.tensors.items()
+                    if name in profiled.analysis.inputs),
+             _layer_names(profiled), TIMING_THREADS, runtime, platform.machine(),
+             _cpu_name()],
+            separators=(",", ":"),
+        ))
+        return self.root / "timings" / f"{key}.json"
+
+    def _flop_profile(
+        self, model: StoredModel, *, batch: int, inputs: Sequence[ModelInput]
+    ) -> ProfiledModel:
+        key = (model.sha256, batch, _dims_key(inputs))
         with self._lock:
             cached = self._profiles.get(key)
             if cached is not None:
@@ -257,11 +346,14 @@ class ModelStore:
         analysis = analyze(onnx_model, batch=batch, dims=dims)
         chain = build_chain(analysis, max_pieces=DEFAULT_MAX_PIECES, name=model.name)
         profiled = ProfiledModel(ref=model.uri, profile=chain, analysis=analysis, model=onnx_model)
+        self._remember(key, profiled)
+        return profiled
+
+    def _remember(self, key: tuple[Any, ...], profiled: ProfiledModel) -> None:
         with self._lock:
             self._profiles[key] = profiled
             while len(self._profiles) > PROFILE_CACHE_SIZE:
                 self._profiles.popitem(last=False)
-        return profiled
 
     # ------------------------------------------------------------------ shards
 
@@ -515,6 +607,13 @@ def input_dims(
 # --------------------------------------------------------------------------- helpers
 
 
+def model_uri(ref: str) -> str:
+    """A command line's model argument (``zoo:NAME``, a URI or a path) as a model uri."""
+    if ref.startswith((zoo.ZOO_SCHEME, "file://", "http://", "https://")):
+        return ref
+    return Path(ref).resolve().as_uri()
+
+
 def file_uri_path(uri: str) -> Path:
     """``file:///abs/model.onnx`` → ``/abs/model.onnx`` (``file://rel`` is relative)."""
     parsed = urllib.parse.urlparse(uri)
@@ -536,6 +635,21 @@ def _name_from_url(uri: str) -> str:
 def _safe_name(name: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
     return cleaned or "model"
+
+
+def _dims_key(inputs: Sequence[ModelInput]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((item.name, tuple(item.shape)) for item in inputs)
+
+
+def _layer_names(profiled: ProfiledModel) -> tuple[str, ...]:
+    return tuple(layer.name for layer in profiled.profile.layers)
+
+
+def _cpu_name() -> str:
+    """The processor's name: layer times from another CPU would give other shares."""
+    from edgeweave.nodeprofile import cpu_model
+
+    return cpu_model() or "unknown"
 
 
 def _digest(text: str) -> str:

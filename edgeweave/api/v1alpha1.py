@@ -621,7 +621,9 @@ class PlanStatus(StatusModel):
         return cls(
             stages=stages,
             period_seconds=plan.period_s,
-            throughput_per_second=throughput if math.isfinite(throughput) else None,
+            # Four significant figures: a prediction, shown as is by `kubectl get ipl`.
+            throughput_per_second=float(f"{throughput:.4g}") if math.isfinite(throughput)
+            else None,
             latency_seconds=plan.latency_s,
             bottleneck_stage=plan.bottleneck_stage,
             hash=plan_hash(plan),

@@ -80,6 +80,7 @@ EVERYTHING: dict[str, Any] = {
         "healthPort": 9082,
         "resyncSeconds": 10,
         "clusterDomain": "edge.local",
+        "gatewayServiceType": "LoadBalancer",
         "resources": {"requests": {"cpu": "250m", "memory": "1Gi"},
                       "limits": {"cpu": "4", "memory": "6Gi"}},
         "cache": {"sizeLimit": "20Gi", "existingClaim": "edgeweave-cache"},
@@ -321,6 +322,8 @@ def test_operator_settings_come_out_as_the_chart_means(values: dict[str, Any]) -
     shard_port = next(p for p in container["ports"] if p["name"] == port["targetPort"])
     assert config.shard_port == shard_port["containerPort"]
     assert config.cluster_domain == domain
+    assert config.gateway_service_type == (values.get("operator") or {}).get(
+        "gatewayServiceType", "ClusterIP")
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert str(config.cache_dir) in mounts, "the cache is a volume, not the read-only root"
 
@@ -473,6 +476,12 @@ def test_gateways_serve_clients_unless_restricted() -> None:
     assert not ingress_allowed(restricted, source=client, target=target, port=_port(gateway))
     assert ingress_allowed(restricted, source=("clients", {"app": "shop"}), target=target,
                            port=_port(gateway))
+    rendered = objects(EVERYTHING)
+    operator = (NAMESPACE, one(rendered, "Deployment")["spec"]["template"]["metadata"]["labels"])
+    assert ingress_allowed(restricted, source=operator, target=target, port=_port(gateway)), (
+        "the operator tells gateway pods where stage 0 moved")
+    assert not ingress_allowed(restricted, source=("elsewhere", operator[1]), target=target,
+                               port=_port(gateway)), "operator labels in another namespace"
 
 
 def test_prometheus_reaches_stage_metrics_only_when_allowed() -> None:
