@@ -58,7 +58,7 @@ async def push_route(pods: Sequence[Mapping[str, Any]], route: Stage0Route, toke
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         answers = await asyncio.gather(
-            *(_push_one(session, url, route, token) for url in targets.values())
+            *(_push_one(session, url, route, token, timeout_s) for url in targets.values())
         )
     confirmed = tuple(name for name, why in zip(targets, answers, strict=True) if why is None)
     unreached = {name: why for name, why in zip(targets, answers, strict=True) if why}
@@ -66,7 +66,7 @@ async def push_route(pods: Sequence[Mapping[str, Any]], route: Stage0Route, toke
 
 
 async def _push_one(session: aiohttp.ClientSession, base_url: str, route: Stage0Route,
-                    token: str) -> str | None:
+                    token: str, timeout_s: float) -> str | None:
     """None when the gateway now follows ``route``; else why not, in words."""
     try:
         async with session.put(base_url + STAGE0_PATH, data=route.to_json(),
@@ -75,7 +75,9 @@ async def _push_one(session: aiohttp.ClientSession, base_url: str, route: Stage0
             text = await response.text()
             if response.status != 200:
                 return f"HTTP {response.status}: {text[:200]}"
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except TimeoutError:
+        return f"TimeoutError: no answer within {timeout_s:g} s"
+    except aiohttp.ClientError as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     try:
         now = Stage0Route.from_json(text, f"the answer of {base_url}")

@@ -49,6 +49,15 @@ from typing import Any, Final, Protocol
 
 import aiohttp
 
+from edgeweave.operator.resources import (
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    NODES,
+    PODS,
+    SECRETS,
+    SERVICES,
+    Kind,
+)
 from edgeweave.sandbox.apiserver import now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -76,31 +85,8 @@ class KubeApiError(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
-class Kind:
-    """Where one kind lives in the REST API."""
-
-    prefix: str
-    plural: str
-    namespaced: bool = True
-
-    def collection(self, namespace: str | None = None) -> str:
-        if self.namespaced and namespace is not None:
-            return f"{self.prefix}/namespaces/{namespace}/{self.plural}"
-        return f"{self.prefix}/{self.plural}"
-
-    def item(self, namespace: str | None, name: str, sub: str | None = None) -> str:
-        path = f"{self.collection(namespace)}/{name}"
-        return f"{path}/{sub}" if sub else path
-
-
-PODS: Final = Kind("/api/v1", "pods")
-NODES: Final = Kind("/api/v1", "nodes", namespaced=False)
-SERVICES: Final = Kind("/api/v1", "services")
-SECRETS: Final = Kind("/api/v1", "secrets")
-CONFIGMAPS: Final = Kind("/api/v1", "configmaps")
+# Where kinds live in the REST API has one home, shared with the operator's client.
 EVENTS: Final = Kind("/api/v1", "events")
-DEPLOYMENTS: Final = Kind("/apis/apps/v1", "deployments")
 
 
 class KubeApi:
@@ -145,11 +131,11 @@ class KubeApi:
             raise KubeApiError(f"{method} {path}: {error}") from None
 
     async def create(self, kind: Kind, namespace: str | None, body: Mapping[str, Any]) -> Any:
-        return await self.request("POST", kind.collection(namespace), body=dict(body))
+        return await self.request("POST", kind.path(namespace), body=dict(body))
 
     async def patch(self, kind: Kind, namespace: str | None, name: str,
                     patch: Mapping[str, Any], sub: str | None = None) -> Any:
-        return await self.request("PATCH", kind.item(namespace, name, sub), body=dict(patch),
+        return await self.request("PATCH", kind.path(namespace, name, sub), body=dict(patch),
                                   content_type="application/merge-patch+json")
 
     async def delete(self, kind: Kind, namespace: str | None, name: str,
@@ -159,7 +145,7 @@ class KubeApi:
         if uid is not None:
             options["preconditions"] = {"uid": uid}
         try:
-            await self.request("DELETE", kind.item(namespace, name), body=options)
+            await self.request("DELETE", kind.path(namespace, name), body=options)
         except KubeApiError as error:
             if error.status in (404, 409):
                 return False
@@ -171,7 +157,7 @@ class KubeApi:
         params = {"watch": "1", "resourceVersion": resource_version,
                   "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_TIMEOUT_S)}
         async with self.session.get(
-            self.base_url + kind.collection(), params=params,
+            self.base_url + kind.path(None), params=params,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         ) as response:
             if response.status >= 400:
@@ -250,7 +236,7 @@ class Informer:
             await asyncio.sleep(RELIST_DELAY_S)
 
     async def _relist(self) -> str:
-        listed = await self.api.request("GET", self.kind.collection())
+        listed = await self.api.request("GET", self.kind.path(None))
         fresh = {key_of(item): item for item in listed.get("items") or []}
         gone = [obj for key, obj in self.items.items() if key not in fresh]
         self.items = fresh

@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -508,16 +508,3 @@ async def _cancel_the_rest() -> None:
     for task in rest:
         task.cancel()
     await asyncio.gather(*rest, return_exceptions=True)
-
-
-def wait_until(what: str, probe: Callable[[], T], timeout_s: float,
-               interval_s: float = 0.1) -> T:
-    """Poll ``probe`` until it returns something truthy; raise with the last value if not."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise SandboxError(f"timed out after {timeout_s:g} s waiting for {what} (last: {last!r})")

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from chart_render import NAMESPACE, REPO, objects, of_kind, one, pod_spec_of
@@ -25,8 +24,8 @@ from edgeweave.operator import operate
 from edgeweave.operator import settings as s
 from edgeweave.operator.resources import pod_ready
 from edgeweave.sandbox.apiserver import ApiServer, parse_resource_path
+from edgeweave.sandbox.waiting import wait_until as wait_for
 
-T = TypeVar("T")
 Grant = tuple[str, str, str]  # (API group, resource[/subresource], verb)
 
 # Every grant of the operator's ClusterRole, and the code that needs it.
@@ -167,15 +166,6 @@ def test_each_role_is_bound_to_the_account_its_pods_run_as(values: dict[str, Any
 # --------------------------------------------------------------------------- recorded
 
 
-def wait_for(what: str, probe: Callable[[], T], timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last: {last!r}")
 
 
 class Kubelet:

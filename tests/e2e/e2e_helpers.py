@@ -10,14 +10,14 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from edgeweave.sandbox.sandbox import Sandbox
+from edgeweave.sandbox.waiting import wait_until as wait_for
 
 MANIFESTS = Path(__file__).resolve().parent / "manifests"
 NODES_FILE = MANIFESTS / "nodes-3x1cpu.yaml"
@@ -28,20 +28,8 @@ API = "edgeweave.io/v1alpha1"
 KIND = "InferencePipeline"
 READY_TIMEOUT_S = 120.0
 """Generous: the first test builds the zoo model into the shared cache."""
-T = TypeVar("T")
 
 
-def wait_for(what: str, probe: Callable[[], T], timeout: float = 60.0,
-             interval: float = 0.05) -> T:
-    """Poll ``probe`` until it returns something truthy; fail with the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last: {last!r}")
 
 
 def process_alive(pid: int) -> bool:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -23,6 +23,7 @@ from edgeweave.operator import operate
 from edgeweave.operator import settings as s
 from edgeweave.operator.resources import pod_ready
 from edgeweave.sandbox.apiserver import ApiServer
+from edgeweave.sandbox.waiting import wait_until as wait_for
 
 pytest.importorskip("kopf")
 
@@ -31,22 +32,11 @@ CRD = REPO / "crds" / "inferencepipelines.edgeweave.io.yaml"
 API = "edgeweave.io/v1alpha1"
 KIND = "InferencePipeline"
 NS = "default"
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_for(what: str, probe: Callable[[], T], timeout: float = 60.0) -> T:
-    """Poll ``probe`` until it returns something truthy; fail with the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last: {last!r}")
 
 
 def node(name: str, *, gflops: float = 10, memory_mb: float = 40, **labels: str) -> dict:
