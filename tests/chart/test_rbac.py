@@ -44,7 +44,8 @@ OPERATOR_GRANTS: dict[Grant, str] = {
     ("", "nodes", "list"): "kopf.index 'nodes' (the node inventory) and on.event 'node-churn'",
     ("", "nodes", "watch"): "the same, watching",
     ("", "pods", "list"):
-        "kopf on.event 'stage-pods'; kube.list(PODS) in _deploy, _retire, cleanup",
+        "kopf on.event 'stage-pods'; kube.list(PODS) in _deploy, _retire, cleanup, and "
+        "_push_route (the gateway pods to tell where stage 0 moved)",
     ("", "pods", "watch"): "kopf on.event 'stage-pods' (stage pod readiness wakes the rollout)",
     ("", "pods", "get"): "resources.apply reads the pod before creating or patching it",
     ("", "pods", "create"): "resources.apply creates stage pods (resources.stage_pod)",
@@ -52,14 +53,18 @@ OPERATOR_GRANTS: dict[Grant, str] = {
     ("", "pods", "delete"):
         "resources.apply replaces a pod whose template changed; _retire; cleanup",
     ("", "services", "list"): "_retire and cleanup list a pipeline's Services",
-    ("", "services", "get"): "resources.apply (stage and gateway Services)",
+    ("", "services", "get"): "resources.apply (stage and gateway Services); _endpoint reads "
+        "the gateway Service's load-balancer address",
     ("", "services", "create"): "resources.apply: stage_service, gateway_service",
     ("", "services", "patch"): "resources.apply: a changed gateway port or drifted labels",
     ("", "services", "delete"): "_retire (old revision's stage Services) and cleanup",
     ("", "configmaps", "list"): "cleanup lists the pipeline's ConfigMaps",
-    ("", "configmaps", "get"): "_plan_generation reads the plan ConfigMap; resources.apply",
-    ("", "configmaps", "create"): "resources.apply: plan_configmap",
-    ("", "configmaps", "patch"): "resources.apply: the plan ConfigMap of a new plan",
+    ("", "configmaps", "get"):
+        "_plan_generation reads the plan ConfigMap; _write_route the stage-0 route's "
+        "serial; resources.apply",
+    ("", "configmaps", "create"): "resources.apply: plan_configmap, stage0_configmap",
+    ("", "configmaps", "patch"):
+        "resources.apply: the plan and stage-0 route ConfigMaps of a new plan",
     ("", "configmaps", "delete"): "cleanup",
     ("", "secrets", "list"): "cleanup lists the pipeline's Secrets",
     ("", "secrets", "get"): "_ensure_token reads the pipeline token; resources.apply",
@@ -71,7 +76,7 @@ OPERATOR_GRANTS: dict[Grant, str] = {
     ("apps", "deployments", "watch"): "kopf on.event 'gateways' (the gateway rollout)",
     ("apps", "deployments", "get"): "_advance_gateway, _observe_running; resources.apply",
     ("apps", "deployments", "create"): "resources.apply: gateway_deployment",
-    ("apps", "deployments", "patch"): "resources.apply: the gateway switched to a new plan",
+    ("apps", "deployments", "patch"): "resources.apply: the gateway's confirmed stage-0 revision",
     ("apps", "deployments", "delete"): "cleanup",
     ("", "events", "create"):
         "kopf.info / kopf.warn (Planned, Replanned, GatewaySwitched, ...) and kopf's own "
