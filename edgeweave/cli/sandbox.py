@@ -80,8 +80,8 @@ def up_command(
         import onnxruntime  # noqa: F401
     except ImportError as missing:
         raise EdgeweaveError(
-            f"edgeweave sandbox needs {missing.name}: pip install 'edgeweave[sandbox,operator,"
-            "worker]'") from None
+            f"edgeweave sandbox needs {missing.name}: pip install 'edgeweave[sandbox]'"
+        ) from None
     from edgeweave.sandbox.sandbox import Sandbox, SandboxOptions, read_nodes_file
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
