@@ -15,67 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from edgeweave.local import EdgeEmulator, EmulatedNode, NodeSpec, emulation_available
-
-SINK = r"""
-import socket, sys, time
-server = socket.create_server((sys.argv[1], 0))
-print(server.getsockname()[1], flush=True)
-conn, _ = server.accept()
-conn.recv(1 << 16)
-start, total = time.monotonic(), 0
-while chunk := conn.recv(1 << 20):
-    total += len(chunk)
-print(total, time.monotonic() - start, flush=True)
-"""
-
-SEND = r"""
-import socket, sys
-remaining, block = int(sys.argv[3]), bytes(1 << 20)
-with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as conn:
-    while remaining > 0:
-        conn.sendall(block[: min(remaining, len(block))])
-        remaining -= len(block)
-"""
-
-BURN = r"""
-import os, sys, time
-duration = float(sys.argv[1])
-wall0, cpu0 = time.monotonic(), os.times()
-while time.monotonic() - wall0 < duration:
-    pass
-cpu1 = os.times()
-print(cpu1.user + cpu1.system - cpu0.user - cpu0.system, time.monotonic() - wall0, flush=True)
-"""
-
-Place = EmulatedNode | None  # None: the host
-
-
-def start_python(place: Place, code: str, *args: object) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-c", code, *map(str, args)]
-    if place is None:
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    return place.popen(argv, stdout=subprocess.PIPE, text=True)
-
-
-def transfer_rate(emu: EdgeEmulator, source: Place, target: Place, nbytes: int) -> float:
-    """Bytes/s a bulk TCP transfer from ``source`` to ``target`` achieves."""
-    target_address = emu.host_address if target is None else target.address
-    sink = start_python(target, SINK, target_address)
-    assert sink.stdout is not None
-    port = int(sink.stdout.readline())
-    sender = start_python(source, SEND, target_address, port, nbytes)
-    out, _ = sink.communicate(timeout=600)
-    sender.wait(timeout=60)
-    received, seconds = out.split()
-    return int(received) / float(seconds)
+from edgeweave.local import EdgeEmulator, NodeSpec, emulation_available
+from edgeweave.local.emulate import cpu_share, processes_to_saturate, transfer_rate
 
 
 def measure_bandwidth(rate_mbps: float, seconds: float) -> dict[str, Any]:
@@ -97,19 +43,13 @@ def measure_bandwidth(rate_mbps: float, seconds: float) -> dict[str, Any]:
 
 
 def measure_cpu(cpu: float, seconds: float) -> dict[str, Any]:
-    # One spinning process per core the quota allows, so that the quota, not the
-    # process count, is the limit.
-    burners = max(1, math.ceil(cpu))
+    processes = processes_to_saturate(cpu)
     with EdgeEmulator([NodeSpec("n", cpu=cpu)]) as emu:
-        node = emu.node("n")
-        processes = [start_python(node, BURN, seconds) for _ in range(burners)]
-        outputs = [process.communicate(timeout=120)[0].split() for process in processes]
-    cpu_seconds = sum(float(used) for used, _ in outputs)
-    wall = max(float(wall) for _, wall in outputs)
+        achieved = cpu_share(emu.node("n"), seconds, processes)
     return {
         "requested_cores": cpu,
-        "processes": burners,
-        "achieved_cores": cpu_seconds / wall,
+        "processes": processes,
+        "achieved_cores": achieved,
         "load_average_1m": os.getloadavg()[0],
     }
 

@@ -59,6 +59,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -726,3 +727,157 @@ def _free_subnet(pool: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
         f"no free /24 left in subnet pool {pool} (every one overlaps an address or route "
         "on this host); pass another subnet_pool"
     )
+
+
+# ---------------------------------------------------------- measuring what a node gets
+#
+# How closely a node is held to its NodeSpec, measured from inside it: the kernel's
+# shaping, not edgeweave's code, decides these figures. benchmarks/emulate.py tabulates
+# them over a range of rates and shares; tests/dataplane/test_emulate.py checks them.
+
+# A TCP sink: prints its port, then "<bytes after the first read> <seconds>" at EOF.
+# Timing starts at the first byte so that connection setup does not count.
+_SINK = r"""
+import socket, sys, time
+server = socket.create_server((sys.argv[1], 0))
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+conn.recv(1 << 16)
+start, total = time.monotonic(), 0
+while chunk := conn.recv(1 << 20):
+    total += len(chunk)
+print(total, time.monotonic() - start, flush=True)
+"""
+
+# Sends argv[3] zero bytes to argv[1]:argv[2], a 1 MiB block at a time, so that a long
+# measurement does not need its whole transfer in memory.
+_SEND = r"""
+import socket, sys
+remaining, block = int(sys.argv[3]), bytes(1 << 20)
+with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as conn:
+    while remaining > 0:
+        conn.sendall(block[: min(remaining, len(block))])
+        remaining -= len(block)
+"""
+
+# Spins for argv[1] seconds, then prints "<CPU seconds it got> <wall seconds>".
+_SPIN = r"""
+import os, sys, time
+duration = float(sys.argv[1])
+wall0, cpu0 = time.monotonic(), os.times()
+while time.monotonic() - wall0 < duration:
+    pass
+cpu1 = os.times()
+print(cpu1.user + cpu1.system - cpu0.user - cpu0.system, time.monotonic() - wall0, flush=True)
+"""
+
+# Generous: a measurement that takes this much longer than planned has hung.
+MEASUREMENT_SLACK_S = 120.0
+
+
+def start_python(place: EmulatedNode | None, code: str, *args: object) -> subprocess.Popen[str]:
+    """``python -c code args...`` on ``place`` (``None``: the host), stdout piped as text."""
+    argv = [sys.executable, "-c", code, *map(str, args)]
+    if place is None:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    return place.popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+def transfer_rate(
+    emulator: EdgeEmulator,
+    source: EmulatedNode | None,
+    target: EmulatedNode | None,
+    nbytes: int,
+    *,
+    timeout_s: float = 600.0,
+) -> float:
+    """Bytes/s of goodput a bulk TCP transfer of ``nbytes`` from ``source`` to ``target``
+    (``None``: the host) achieves, counted at the receiver from its first byte.
+
+    Into or out of a node this is its shaped rate (about 95.6% of the line rate, see
+    the module docstring); node to node, the slower of the two.
+    """
+    address = emulator.host_address if target is None else target.address
+    started: list[subprocess.Popen[str]] = []
+    try:
+        sink = start_python(target, _SINK, address)
+        started.append(sink)
+        port = _read_port(sink, _place(target))
+        sender = start_python(source, _SEND, address, port, nbytes)
+        started.append(sender)
+        # The sender first: if it fails, the sink would wait for its connection forever.
+        if sender.wait(timeout=timeout_s) != 0:
+            raise EmulationError(
+                f"bulk transfer {_place(source)} -> {_place(target)}: the sender failed "
+                f"(exit {sender.returncode})"
+            )
+        out, _ = sink.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise EmulationError(
+            f"bulk transfer {_place(source)} -> {_place(target)} of {nbytes} bytes did not "
+            f"finish in {timeout_s:.0f} s"
+        ) from exc
+    finally:
+        _stop(started)
+    received, seconds = _numbers(out, f"the sink on {_place(target)}")
+    return received / seconds
+
+
+def processes_to_saturate(cpu: float) -> int:
+    """Spinning processes enough for ``cpu`` cores: one per core the quota allows, so
+    that the quota, not the process count, is what limits them."""
+    return max(1, math.ceil(cpu))
+
+
+def cpu_share(node: EmulatedNode, seconds: float, processes: int | None = None) -> float:
+    """CPU cores ``node`` actually gets: the CPU seconds ``processes`` spinning for
+    ``seconds`` on it are given, per wall second (default: enough to saturate its quota).
+
+    A quota is a ceiling, not a reservation: the machine's other load lowers this.
+    """
+    count = processes_to_saturate(node.cpu) if processes is None else processes
+    spinners = [start_python(node, _SPIN, seconds) for _ in range(count)]
+    try:
+        outputs = [spinner.communicate(timeout=seconds + MEASUREMENT_SLACK_S)[0]
+                   for spinner in spinners]
+    except subprocess.TimeoutExpired as exc:
+        raise EmulationError(
+            f"node {node.name!r}: spinning for {seconds} s did not finish in "
+            f"{seconds + MEASUREMENT_SLACK_S:.0f} s"
+        ) from exc
+    finally:
+        _stop(spinners)
+    figures = [_numbers(out, f"a spinning process on node {node.name!r}") for out in outputs]
+    return sum(used for used, _ in figures) / max(wall for _, wall in figures)
+
+
+def _place(node: EmulatedNode | None) -> str:
+    return "the host" if node is None else f"node {node.name!r}"
+
+
+def _read_port(process: subprocess.Popen[str], where: str) -> int:
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    if not line.isdigit():
+        raise EmulationError(f"the TCP sink on {where} did not start (it printed {line!r})")
+    return int(line)
+
+
+def _numbers(output: str, who: str) -> tuple[float, float]:
+    """The two figures a measuring process prints last."""
+    words = output.split()
+    try:
+        first, second = (float(word) for word in words[-2:])
+    except ValueError as exc:
+        raise EmulationError(f"{who} printed {output.strip()!r}, not two figures") from exc
+    if second <= 0:
+        raise EmulationError(f"{who} measured over {second} s")
+    return first, second
+
+
+def _stop(processes: Sequence[subprocess.Popen[str]]) -> None:
+    """Kill what a failed measurement left running; reap everything."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()

@@ -95,20 +95,21 @@ class PortInUseError(RunError):
     """The gateway's port is taken."""
 
 
-class StartupError(RunError):
-    """A process failed to start or to become ready; ``log_tail`` holds its last lines."""
+class ProcessFailure(RunError):
+    """A failure of one of the pipeline's processes; ``log_tail`` holds its last log lines,
+    which ``edgeweave run`` prints under the error."""
 
     def __init__(self, message: str, log_tail: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.log_tail = list(log_tail)
 
 
-class PipelineDown(RunError):
+class StartupError(ProcessFailure):
+    """A process failed to start or to become ready."""
+
+
+class PipelineDown(ProcessFailure):
     """The running pipeline lost its gateway or every replica of a stage."""
-
-    def __init__(self, message: str, log_tail: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.log_tail = list(log_tail)
 
 
 class StopRequested(RunError):

@@ -72,7 +72,8 @@ API_KEY_MOUNT = "/var/run/edgeweave/api-key"
 METADATA_KEY = "metadata.json"
 PLAN_KEY = "plan.json"
 RUN_AS_USER = 65532
-"""The images' unprivileged user (uid 65532, created in both Dockerfiles): no pod needs root."""
+"""The images' unprivileged user (uid 65532, created in the Dockerfile's shared runtime
+stage): no pod needs root."""
 DEFAULT_WORKER_IMAGE = f"ghcr.io/edgeweave/worker:{__version__}"
 
 # --------------------------------------------------------------------- timing

@@ -33,7 +33,7 @@ from edgeweave.operator.status import Observed, PlanFailure, Reason, compose
 INSTALL = REPO / "docs" / "install.md"
 DOCS = [INSTALL, REPO / "README.md"]
 REPO_PATH = re.compile(
-    r"(?<![\w/.-])((?:examples|helm|crds|docs|worker_image|benchmarks)/[\w./*-]*[\w*/])")
+    r"(?<![\w/.-])((?:examples|helm|crds|docs|benchmarks)/[\w./*-]*[\w*/])")
 LUA = REPO / "examples" / "argocd" / "health-inferencepipeline.lua"
 KUBE_VERSION = kubernetes_validate.latest_version()
 

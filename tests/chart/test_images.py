@@ -1,13 +1,16 @@
-"""The container images: Dockerfile (operator) and worker_image/Dockerfile (stage worker
-and gateway).
+"""The container images: the Dockerfile's ``operator`` target (the operator and the node
+profiler) and its ``worker`` target (stage worker and gateway), built from one shared
+build stage.
 
 No Docker engine runs here, so the images are checked by what decides whether they
-build and run: each Dockerfile is parsed, every file it copies must exist and survive
-.dockerignore, both are multi-stage builds on python:3.11-slim that run as the user
-the pods run as, the worker image carries no Kubernetes client, and the commands the
-chart and the operator give each image resolve in an environment installed the same
-way (fast: with kopf and kubernetes made unimportable; slow: a fresh virtualenv built
-from the emulated build context exactly as the Dockerfile's RUN lines do).
+build and run: the Dockerfile is parsed (each target with what it inherits from its
+parent stages), every file it copies must exist and survive .dockerignore, both
+targets install from one build stage on python:3.11-slim and run as the user the pods
+run as, the worker image carries no Kubernetes client, the install guide builds each
+image from its own target, and the commands the chart and the operator give each image
+resolve in an environment installed the same way (fast: with kopf and kubernetes made
+unimportable; slow: a fresh virtualenv built from the emulated build context exactly
+as the Dockerfile's RUN lines do).
 """
 
 from __future__ import annotations
@@ -28,24 +31,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chart_render import REPO, objects, of_kind, pod_spec_of
+import yaml
+from chart_render import CHART_DIR, REPO, objects, of_kind, pod_spec_of
 from packaging.requirements import Requirement
 
 from edgeweave.api.v1alpha1 import InferencePipelineSpec
 from edgeweave.operator import resources as r
 from edgeweave.operator import settings as s
 
-OPERATOR_DOCKERFILE = REPO / "Dockerfile"
-WORKER_DOCKERFILE = REPO / "worker_image" / "Dockerfile"
-DOCKERFILES = [OPERATOR_DOCKERFILE, WORKER_DOCKERFILE]
+DOCKERFILE = REPO / "Dockerfile"
+TARGETS = ["operator", "worker"]
+INSTALL_GUIDE = REPO / "docs" / "install.md"
 BASE_IMAGE = "python:3.11-slim"
 KUBERNETES_CLIENTS = {"kopf", "kubernetes"}
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]["name"]
-
-
-def _image_name(dockerfile: Path) -> str:
-    return "operator" if dockerfile == OPERATOR_DOCKERFILE else "worker"
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -61,10 +61,29 @@ class Instruction:
 class Stage:
     base: str
     name: str | None
+    parent: Stage | None = None
+    """The earlier stage this one is built ``FROM``, whose instructions it inherits."""
     instructions: list[Instruction] = field(default_factory=list)
 
+    def lineage(self) -> list[Stage]:
+        """This stage and the stages it is built on, the first-built first."""
+        return [*(self.parent.lineage() if self.parent else []), self]
+
+    @property
+    def image(self) -> str:
+        """The image the whole lineage starts from."""
+        return self.lineage()[0].base
+
     def all(self, keyword: str) -> list[Instruction]:
-        return [i for i in self.instructions if i.keyword == keyword]
+        """What the image holds: inherited instructions first, in build order."""
+        return [i for stage in self.lineage() for i in stage.instructions
+                if i.keyword == keyword]
+
+    def last(self, keyword: str) -> Instruction:
+        """The instruction in effect (USER, ENTRYPOINT, CMD: the last one wins)."""
+        found = self.all(keyword)
+        assert found, f"stage {self.name} has no {keyword}"
+        return found[-1]
 
 
 def instructions(path: Path) -> Iterator[Instruction]:
@@ -86,7 +105,8 @@ def instructions(path: Path) -> Iterator[Instruction]:
 
 
 def stages(path: Path) -> list[Stage]:
-    """The build stages, with global ARG defaults substituted into each FROM."""
+    """The build stages, with global ARG defaults substituted into each FROM and each
+    stage built on an earlier one linked to it."""
     args: dict[str, str] = {}
     found: list[Stage] = []
     for instruction in instructions(path):
@@ -97,10 +117,29 @@ def stages(path: Path) -> list[Stage]:
             words = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)],
                            instruction.arguments).split()
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
-            found.append(Stage(base=words[0], name=name))
+            parent = next((stage for stage in found if stage.name == words[0]), None)
+            found.append(Stage(base=words[0], name=name, parent=parent))
         elif found:
             found[-1].instructions.append(instruction)
     return found
+
+
+def target(name: str) -> Stage:
+    """The stage ``docker build --target name`` makes."""
+    (stage,) = [stage for stage in stages(DOCKERFILE) if stage.name == name]
+    return stage
+
+
+def install_run(image: Stage) -> Instruction:
+    (install,) = [run for run in image.all("RUN") if "pip install" in run.arguments]
+    return install
+
+
+def build_stage_of(image: Stage) -> Stage:
+    """The stage whose wheels the image installs (its ``--mount=...,from=`` stage)."""
+    match = re.search(r"--mount=type=bind,from=([\w-]+)", install_run(image).arguments)
+    assert match, f"{image.name} does not install from a bind mount of a build stage"
+    return target(match.group(1))
 
 
 def exec_form(instruction: Instruction) -> list[str]:
@@ -203,55 +242,79 @@ def context_files(patterns: list[IgnorePattern]) -> Iterator[str]:
 # --------------------------------------------------------------------------- structure
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=_image_name)
-def test_images_are_multi_stage_on_slim_python(dockerfile: Path) -> None:
-    build, runtime = stages(dockerfile)
-    assert build.base == runtime.base == BASE_IMAGE
-    # The build stage makes wheels; the runtime stage installs them from a bind mount of
-    # the build stage, offline, so no compiler, wheel or cache reaches the final image.
-    assert pip_spec(build, "wheel")
-    (install,) = [run for run in runtime.all("RUN") if "pip install" in run.arguments]
-    assert f"--mount=type=bind,from={build.name}" in install.arguments
-    assert "--no-index" in install.arguments
-    assert extras_of(pip_spec(build, "wheel")) == extras_of(pip_spec(runtime, "install"))
+@pytest.mark.parametrize("name", TARGETS)
+def test_images_are_multi_stage_on_slim_python(name: str) -> None:
+    image = target(name)
+    build = build_stage_of(image)
+    assert image.image == build.image == BASE_IMAGE
+    assert build not in image.lineage(), "the build stage's tools stay out of the image"
+    # The build stage makes wheels; the image installs them from a bind mount of the
+    # build stage, offline, so no compiler, wheel or cache reaches the final image.
+    assert "--no-index" in install_run(image).arguments
+    assert extras_of(pip_spec(image, "install")) <= extras_of(pip_spec(build, "wheel"))
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=_image_name)
-def test_images_run_as_the_user_the_pods_run_as(dockerfile: Path) -> None:
-    runtime = stages(dockerfile)[-1]
-    (user,) = runtime.all("USER")
+def test_both_images_share_the_build_stage_and_the_runtime_base() -> None:
+    images = [target(name) for name in TARGETS]
+    assert len({build_stage_of(image).name for image in images}) == 1
+    bases = {image.lineage()[0].name for image in images}
+    assert len(bases) == 1 and None not in bases
+    # `docker build .` without --target makes the last stage: the operator, as before.
+    assert stages(DOCKERFILE)[-1].name == "operator"
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_images_run_as_the_user_the_pods_run_as(name: str) -> None:
+    image = target(name)
+    user = image.last("USER")
     assert user.arguments == f"{s.RUN_AS_USER}:{s.RUN_AS_USER}", "numeric, for runAsNonRoot"
-    (creates_user,) = [run for run in runtime.all("RUN") if "useradd" in run.arguments]
+    (creates_user,) = [run for run in image.all("RUN") if "useradd" in run.arguments]
     assert f"--uid {s.RUN_AS_USER} --gid {s.RUN_AS_USER}" in creates_user.arguments
+    # pip installs into the system site-packages, which only root may write.
+    built = [i for stage in image.lineage() for i in stage.instructions]
+    assert built.index(install_run(image)) < built.index(user)
     chart_users = {pod_spec_of(w)["securityContext"]["runAsUser"]
                    for w in objects({"nodeProfiler": {"enabled": True}})
                    if w["kind"] in {"Deployment", "DaemonSet"}}
     assert chart_users == {s.RUN_AS_USER}
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=_image_name)
-def test_entrypoint_is_the_edgeweave_console_script(dockerfile: Path) -> None:
-    runtime = stages(dockerfile)[-1]
-    (entrypoint,) = runtime.all("ENTRYPOINT")
-    assert exec_form(entrypoint) == ["edgeweave"]
+@pytest.mark.parametrize("name", TARGETS)
+def test_entrypoint_is_the_edgeweave_console_script(name: str) -> None:
+    assert exec_form(target(name).last("ENTRYPOINT")) == ["edgeweave"]
     assert "edgeweave" in PYPROJECT["project"]["scripts"]
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=_image_name)
-def test_every_copied_file_exists_and_is_in_the_build_context(dockerfile: Path) -> None:
+def test_the_install_guide_builds_each_image_from_its_target() -> None:
+    """The buildx commands users copy: the chart's operator image from ``--target
+    operator``, its worker image from ``--target worker``, both from the Dockerfile."""
+    text = re.sub(r"\\\n\s*", " ", INSTALL_GUIDE.read_text())
+    builds = [shlex.split(line) for line in text.splitlines()
+              if line.startswith("docker buildx build ")]
+    built = {}
+    for argv in builds:
+        assert "-f" not in argv and "--file" not in argv, "one Dockerfile, at the root"
+        target_name = argv[argv.index("--target") + 1]
+        repository = argv[argv.index("-t") + 1].rpartition(":")[0]
+        built[repository] = target(target_name).name
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    assert built == {values["image"]["repository"]: "operator",
+                     values["workerImage"]["repository"]: "worker"}
+
+
+def test_every_copied_file_exists_and_is_in_the_build_context() -> None:
     patterns = ignore_patterns(REPO / ".dockerignore")
-    copied = [src for stage in stages(dockerfile) for copy in stage.all("COPY")
-              for src in copy_sources(copy)]
+    copied = [src for stage in stages(DOCKERFILE) for copy in stage.instructions
+              if copy.keyword == "COPY" for src in copy_sources(copy)]
     assert copied
     for source in copied:
         path = REPO / source
-        assert path.exists(), f"{dockerfile.name} copies {source}, which does not exist"
+        assert path.exists(), f"the Dockerfile copies {source}, which does not exist"
         files = [path] if path.is_file() else [
             p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
         for file in files:
             relative = file.relative_to(REPO).as_posix()
             assert in_context(relative, patterns), f".dockerignore leaves out {relative}"
-
 
 def test_the_build_context_is_only_what_the_images_copy() -> None:
     patterns = ignore_patterns(REPO / ".dockerignore")
@@ -310,12 +373,12 @@ def _closure(requirements: list[Requirement]) -> set[str]:
     return names
 
 
-def _image_extras(dockerfile: Path) -> set[str]:
-    return extras_of(pip_spec(stages(dockerfile)[-1], "install"))
+def _image_extras(name: str) -> set[str]:
+    return extras_of(pip_spec(target(name), "install"))
 
 
 def test_the_worker_image_carries_no_kubernetes_client() -> None:
-    extras = _image_extras(WORKER_DOCKERFILE)
+    extras = _image_extras("worker")
     assert extras == {"worker"}
     closure = _closure(_requirements(extras))
     assert {"onnxruntime", "aiohttp", "prometheus-client", "onnx", "numpy"} <= closure
@@ -323,7 +386,7 @@ def test_the_worker_image_carries_no_kubernetes_client() -> None:
 
 
 def test_the_operator_image_carries_what_the_operator_and_profiler_need() -> None:
-    closure = _closure(_requirements(_image_extras(OPERATOR_DOCKERFILE)))
+    closure = _closure(_requirements(_image_extras("operator")))
     # kopf and the client for the operator; onnx and numpy to plan and split; onnxruntime
     # and the client for `profile-node --apply`, which the chart's DaemonSet runs.
     assert {"kopf", "kubernetes", "aiohttp", "onnx", "numpy", "onnxruntime"} <= closure
@@ -348,19 +411,19 @@ def worker_image_commands() -> list[list[str]]:
                   for o in objects
                   if o["kind"] in {"Pod", "Deployment"}]
     commands = [[*c["command"], c["args"][0], "--help"] for c in containers]
-    runtime = stages(WORKER_DOCKERFILE)[-1]
-    commands.append(exec_form(runtime.all("ENTRYPOINT")[0]) + exec_form(runtime.all("CMD")[0]))
+    image = target("worker")
+    commands.append(exec_form(image.last("ENTRYPOINT")) + exec_form(image.last("CMD")))
     return commands
 
 
 def operator_image_commands() -> list[list[str]]:
     """What runs in the operator image: the chart's operator and profiler containers."""
     rendered = objects({"nodeProfiler": {"enabled": True}})
-    runtime = stages(OPERATOR_DOCKERFILE)[-1]
-    entrypoint = exec_form(runtime.all("ENTRYPOINT")[0])
+    image = target("operator")
+    entrypoint = exec_form(image.last("ENTRYPOINT"))
     commands = [[*entrypoint, pod_spec_of(w)["containers"][0]["args"][0], "--help"]
                 for w in [*of_kind(rendered, "Deployment"), *of_kind(rendered, "DaemonSet")]]
-    commands.append([*entrypoint, *exec_form(runtime.all("CMD")[0]), "--help"])
+    commands.append([*entrypoint, *exec_form(image.last("CMD")), "--help"])
     return commands
 
 
@@ -424,9 +487,9 @@ def _build_context(destination: Path) -> Path:
     """What `docker build .` sends: the repository through .dockerignore."""
     patterns = ignore_patterns(REPO / ".dockerignore")
     for relative in context_files(patterns):
-        target = destination / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / relative, target)
+        copied = destination / relative
+        copied.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / relative, copied)
     return destination
 
 
@@ -436,17 +499,17 @@ def _copy_into_workdir(stage: Stage, context: Path, workdir: Path) -> None:
     ending in /, make the destination a directory)."""
     for copy in stage.all("COPY"):
         *sources, dest = [w for w in shlex.split(copy.arguments) if not w.startswith("--")]
-        target = workdir / dest
+        into = workdir / dest
         for source in sources:
             origin = context / source
             if origin.is_dir():
-                shutil.copytree(origin, target, dirs_exist_ok=True)
+                shutil.copytree(origin, into, dirs_exist_ok=True)
             elif dest.endswith("/") or len(sources) > 1:
-                target.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(origin, target / origin.name)
+                into.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(origin, into / origin.name)
             else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(origin, target)
+                into.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(origin, into)
 
 
 def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -456,14 +519,15 @@ def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=_image_name)
+@pytest.mark.parametrize("name", TARGETS)
 def test_image_installs_and_its_commands_run_in_a_fresh_environment(
-    dockerfile: Path, tmp_path: Path
+    name: str, tmp_path: Path
 ) -> None:
-    """The Dockerfile's two stages, replayed: wheels built from the build context as the
-    build stage builds them, installed offline into an empty virtualenv as the runtime
-    stage installs them, then every command the image is given, run."""
-    build, runtime = stages(dockerfile)
+    """A target replayed: wheels built from the build context as the shared build stage
+    builds them, installed offline into an empty virtualenv as the target installs
+    them, then every command the image is given, run."""
+    image = target(name)
+    build = build_stage_of(image)
     workdir = tmp_path / "src"
     workdir.mkdir()
     _copy_into_workdir(build, _build_context(tmp_path / "context"), workdir)
@@ -475,9 +539,9 @@ def test_image_installs_and_its_commands_run_in_a_fresh_environment(
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
     _run([str(python), "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
-          str(wheels), pip_spec(runtime, "install")])
+          str(wheels), pip_spec(image, "install")])
 
-    is_worker = dockerfile == WORKER_DOCKERFILE
+    is_worker = name == "worker"
     commands = worker_image_commands() if is_worker else operator_image_commands()
     for argv in commands:
         _run([str(env_dir / "bin" / argv[0]), *argv[1:]])

@@ -22,53 +22,26 @@ from pathlib import Path
 import pytest
 
 from edgeweave.errors import EdgeweaveError
-from edgeweave.local import (
+from edgeweave.local.emulate import (
+    STATE_DIR,
     EdgeEmulator,
     EmulatedNode,
     EmulationError,
     NodeSpec,
     cleanup_stale,
+    cpu_cgroup_root,
+    cpu_share,
     emulation_available,
+    run_command,
+    start_python,
+    transfer_rate,
 )
-from edgeweave.local.emulate import STATE_DIR, cpu_cgroup_root, run_command
 
 AVAILABLE, REASON = emulation_available()
 needs_emulation = pytest.mark.skipif(not AVAILABLE, reason=REASON)
 
 RATE_BYTES_PER_S = 10e6  # 80 Mbit/s
 TRANSFER_BYTES = 8 * 2**20
-
-# A TCP sink: prints its port, then "<bytes after the first read> <seconds>" at EOF.
-# Timing starts at the first byte so that connection setup does not count.
-SINK = r"""
-import socket, sys, time
-server = socket.create_server((sys.argv[1], 0))
-print(server.getsockname()[1], flush=True)
-conn, _ = server.accept()
-conn.recv(1 << 16)
-start, total = time.monotonic(), 0
-while chunk := conn.recv(1 << 20):
-    total += len(chunk)
-print(total, time.monotonic() - start, flush=True)
-"""
-
-SEND = r"""
-import socket, sys
-with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as conn:
-    conn.sendall(bytes(int(sys.argv[3])))
-"""
-
-# Prints the CPU seconds it got per wall second while spinning for argv[1] seconds.
-BURN = r"""
-import os, sys, time
-duration = float(sys.argv[1])
-wall0, cpu0 = time.monotonic(), os.times()
-while time.monotonic() - wall0 < duration:
-    pass
-cpu1 = os.times()
-used = cpu1.user + cpu1.system - cpu0.user - cpu0.system
-print(used / (time.monotonic() - wall0), flush=True)
-"""
 
 ECHO_SERVER = r"""
 import socket, sys
@@ -98,25 +71,9 @@ def emulator() -> Iterator[EdgeEmulator]:
         yield emu
 
 
-def python_on(node: EmulatedNode, code: str, *args: object) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-c", code, *map(str, args)]
-    return node.popen(argv, stdout=subprocess.PIPE, text=True)
-
-
-def python_on_host(code: str, *args: object) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-c", code, *map(str, args)]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-
-
 def first_line(process: subprocess.Popen[str]) -> str:
     assert process.stdout is not None
     return process.stdout.readline().strip()
-
-
-def achieved_rate(sink: subprocess.Popen[str]) -> float:
-    out, _ = sink.communicate(timeout=60)
-    received, seconds = out.split()
-    return int(received) / float(seconds)
 
 
 def emulator_resources(emu_id: str) -> list[str]:
@@ -140,12 +97,12 @@ def test_nodes_get_distinct_addresses_on_the_emulator_subnet(emulator: EdgeEmula
 @needs_emulation
 def test_a_node_reaches_another_node_and_the_host(emulator: EdgeEmulator) -> None:
     node_a, node_b = emulator.node("pi-a"), emulator.node("pi-b")
-    server_b = python_on(node_b, ECHO_SERVER, node_b.address)
-    server_host = python_on_host(ECHO_SERVER, emulator.host_address)
+    server_b = start_python(node_b, ECHO_SERVER, node_b.address)
+    server_host = start_python(None, ECHO_SERVER, emulator.host_address)
     try:
         port_b, port_host = first_line(server_b), first_line(server_host)
-        to_b = python_on(node_a, ASK, node_b.address, port_b, "from-a")
-        to_host = python_on(node_a, ASK, emulator.host_address, port_host, "from-a")
+        to_b = start_python(node_a, ASK, node_b.address, port_b, "from-a")
+        to_host = start_python(node_a, ASK, emulator.host_address, port_host, "from-a")
         assert to_b.communicate(timeout=10)[0].strip() == "echo:from-a"
         assert to_host.communicate(timeout=10)[0].strip() == "echo:from-a"
         # ...and the host reaches a service inside a node.
@@ -163,7 +120,7 @@ def test_a_node_is_isolated_from_the_hosts_loopback(emulator: EdgeEmulator) -> N
     listener = socket.create_server(("127.0.0.1", 0))
     try:
         port = listener.getsockname()[1]
-        probe = python_on(emulator.node("pi-a"), ASK, "127.0.0.1", port, "x")
+        probe = start_python(emulator.node("pi-a"), ASK, "127.0.0.1", port, "x")
         probe.communicate(timeout=10)
         assert probe.returncode != 0  # connection refused: 127.0.0.1 is the node's own
     finally:
@@ -172,23 +129,13 @@ def test_a_node_is_isolated_from_the_hosts_loopback(emulator: EdgeEmulator) -> N
 
 @needs_emulation
 def test_traffic_into_a_node_is_held_to_its_bandwidth(emulator: EdgeEmulator) -> None:
-    node = emulator.node("pi-b")
-    sink = python_on(node, SINK, node.address)
-    port = int(first_line(sink))
-    with socket.create_connection((node.address, port), timeout=10) as conn:
-        conn.sendall(bytes(TRANSFER_BYTES))
-    rate = achieved_rate(sink)
+    rate = transfer_rate(emulator, None, emulator.node("pi-b"), TRANSFER_BYTES)
     assert 0.75 * RATE_BYTES_PER_S <= rate <= 1.25 * RATE_BYTES_PER_S, rate
 
 
 @needs_emulation
 def test_traffic_out_of_a_node_is_held_to_its_bandwidth(emulator: EdgeEmulator) -> None:
-    node = emulator.node("pi-a")
-    sink = python_on_host(SINK, emulator.host_address)
-    port = int(first_line(sink))
-    sender = python_on(node, SEND, emulator.host_address, port, TRANSFER_BYTES)
-    rate = achieved_rate(sink)
-    assert sender.wait(timeout=30) == 0
+    rate = transfer_rate(emulator, emulator.node("pi-a"), None, TRANSFER_BYTES)
     assert 0.75 * RATE_BYTES_PER_S <= rate <= 1.25 * RATE_BYTES_PER_S, rate
 
 
@@ -196,8 +143,7 @@ def test_traffic_out_of_a_node_is_held_to_its_bandwidth(emulator: EdgeEmulator) 
 def test_a_half_core_node_gets_about_half_a_core(emulator: EdgeEmulator) -> None:
     node = emulator.node("pi-a")
     throttled_before = _cpu_stat(node)["nr_throttled"]
-    burner = python_on(node, BURN, 3.0)
-    share = float(burner.communicate(timeout=30)[0])
+    share = cpu_share(node, 3.0)
     assert 0.3 <= share <= 0.7, share
     assert _cpu_stat(node)["nr_throttled"] > throttled_before  # the quota actually bit
 
@@ -212,7 +158,7 @@ def test_kill_all_kills_every_process_of_the_node_and_only_it(emulator: EdgeEmul
     node_a, node_b = emulator.node("pi-a"), emulator.node("pi-b")
     # A child that forks a grandchild, and one that ignores SIGTERM.
     forking = node_a.popen(["sh", "-c", "sleep 300 & sleep 300"])
-    stubborn = python_on(
+    stubborn = start_python(
         node_a,
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
         "print('ready', flush=True); time.sleep(300)",
@@ -260,9 +206,10 @@ def test_two_emulators_at_once_do_not_collide(emulator: EdgeEmulator) -> None:
         assert second.subnet is not None and emulator.subnet is not None
         assert not second.subnet.overlaps(emulator.subnet)
         for emu in (emulator, second):
-            server = python_on_host(ECHO_SERVER, emu.host_address)
+            server = start_python(None, ECHO_SERVER, emu.host_address)
             try:
-                asked = python_on(emu.node("pi-a"), ASK, emu.host_address, first_line(server), "hi")
+                port = first_line(server)
+                asked = start_python(emu.node("pi-a"), ASK, emu.host_address, port, "hi")
                 assert asked.communicate(timeout=10)[0].strip() == "echo:hi"
             finally:
                 server.kill()

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import edgeweave.cli.profile_node  # noqa: F401  (registers the command)
-from edgeweave.cli import app, main
+from edgeweave.cli import app
 from edgeweave.partition.nodes import (
     LABEL_BANDWIDTH_MBPS,
     LABEL_DEVICE_CLASS,
@@ -28,6 +29,7 @@ from edgeweave.sandbox.apiserver import ApiServer
 
 runner = CliRunner()
 QUICK = ("--model", "zoo:mobilenet_v2", "--seconds", "0.01")
+APPLY = ("profile-node", *QUICK, "--apply")
 OTHER_LABELS = {"kubernetes.io/arch": "arm64", "kubernetes.io/hostname": "pi-1", "team": "edge"}
 
 
@@ -94,47 +96,33 @@ def test_table_output_says_what_changed(cluster: ApiServer) -> None:
     assert f"{LABEL_GFLOPS}: 1 → {node_labels(cluster)[LABEL_GFLOPS]}" in result.stdout
 
 
-def error_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-               *args: str) -> str:
-    monkeypatch.setattr(sys, "argv", ["edgeweave", "profile-node", *QUICK, "--apply", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("error: ")
-    assert not any(line.startswith(("Traceback", "error: ")) for line in lines[:-1]), lines
-    return lines[-1]
-
-
-def test_unknown_node_is_named(
-    cluster: ApiServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    line = error_line(monkeypatch, capsys, "--node-name", "ghost")
+def test_unknown_node_is_named(cluster: ApiServer, cli_error_line: Callable[..., str]) -> None:
+    line = cli_error_line(*APPLY, "--node-name", "ghost")
     assert "node 'ghost' not found" in line and cluster.url in line
 
 
 def test_forbidden_patch_says_what_rbac_is_missing(
-    cluster: ApiServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    cluster: ApiServer, cli_error_line: Callable[..., str]
 ) -> None:
     cluster.call(lambda api: api["patch", kmock.resource("v1/nodes")] << 403)
-    line = error_line(monkeypatch, capsys, "--node-name", "pi-1")
+    line = cli_error_line(*APPLY, "--node-name", "pi-1")
     assert "forbidden to patch node 'pi-1'" in line and "patch on nodes" in line
     assert node_labels(cluster)[LABEL_GFLOPS] == "1"
 
 
 def test_unreachable_api_and_missing_credentials(
     cluster: ApiServer, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, cli_error_line: Callable[..., str],
 ) -> None:
     gone = ApiServer()
     with gone:
         dead = gone.write_kubeconfig(tmp_path / "dead-kubeconfig")
     monkeypatch.setenv("KUBECONFIG", str(dead))
-    line = error_line(monkeypatch, capsys, "--node-name", "pi-1")
+    line = cli_error_line(*APPLY, "--node-name", "pi-1")
     assert "cannot reach the Kubernetes API at http://127.0.0.1:" in line
 
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
-    line = error_line(monkeypatch, capsys, "--node-name", "pi-1")
+    line = cli_error_line(*APPLY, "--node-name", "pi-1")
     assert "no Kubernetes credentials" in line and "missing" in line
 
 

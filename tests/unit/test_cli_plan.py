@@ -158,13 +158,18 @@ def _expect_one_line_error(result: tuple[int, str, str], *fragments: str) -> Non
     assert out == ""
 
 
-def _nodes_with_label(tmp_path: Path, label: str, value: str | None) -> str:
+def _nodes_with_label(
+    tmp_path: Path, label: str, value: str | None, *, on_every_node: bool = False
+) -> str:
+    """PipeEdge's nodes with ``label`` set to ``value`` (``None``: removed) on mb-3, or
+    on every node; the path of the file written."""
     nodes = yaml.safe_load(Path(PIPEEDGE_NODES).read_text())
-    labels = nodes["items"][3]["metadata"]["labels"]
-    if value is None:
-        labels.pop(label)
-    else:
-        labels[label] = value
+    for item in nodes["items"] if on_every_node else [nodes["items"][3]]:
+        labels = item["metadata"]["labels"]
+        if value is None:
+            labels.pop(label)
+        else:
+            labels[label] = value
     path = tmp_path / "nodes.yaml"
     path.write_text(yaml.safe_dump(nodes))
     return str(path)
@@ -183,12 +188,8 @@ def test_missing_memory(cli, tmp_path: Path) -> None:
 
 
 def test_profile_class_no_node_has(cli, tmp_path: Path) -> None:
-    nodes = yaml.safe_load(Path(PIPEEDGE_NODES).read_text())
-    for item in nodes["items"]:
-        item["metadata"]["labels"]["edgeweave.io/device-class"] = "rpi4"
-    path = tmp_path / "nodes.yaml"
-    path.write_text(yaml.safe_dump(nodes))
-    _expect_one_line_error(cli("plan", "--profile", VIT_BASE, "--nodes", str(path)),
+    nodes = _nodes_with_label(tmp_path, "edgeweave.io/device-class", "rpi4", on_every_node=True)
+    _expect_one_line_error(cli("plan", "--profile", VIT_BASE, "--nodes", nodes),
                            "Minnowboard-E3845", "rpi4", "device-class")
 
 
@@ -218,12 +219,8 @@ def test_not_node_objects(cli, tmp_path: Path) -> None:
 
 
 def test_no_feasible_plan(cli, tmp_path: Path) -> None:
-    nodes = yaml.safe_load(Path(PIPEEDGE_NODES).read_text())
-    for item in nodes["items"]:
-        item["metadata"]["labels"]["edgeweave.io/memory-mb"] = "16"
-    path = tmp_path / "nodes.yaml"
-    path.write_text(yaml.safe_dump(nodes))
-    _expect_one_line_error(cli("plan", "--profile", VIT_BASE, "--nodes", str(path)))
+    nodes = _nodes_with_label(tmp_path, "edgeweave.io/memory-mb", "16", on_every_node=True)
+    _expect_one_line_error(cli("plan", "--profile", VIT_BASE, "--nodes", nodes))
 
 
 def test_model_and_profile_together_or_neither(cli) -> None:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 import edgeweave.cli.profile_node  # noqa: F401  (registers the command)
-from edgeweave.cli import app, main
+from edgeweave.cli import app
 from edgeweave.nodeprofile import (
     NodeProfileError,
     check_label_value,
@@ -46,6 +46,7 @@ from edgeweave.partition.source import load_model_profile
 runner = CliRunner()
 GIB = 2**30
 QUICK = ("--model", "zoo:mobilenet_v2", "--seconds", "0.01")
+PROFILE = ("profile-node", *QUICK)
 """The smallest budget: two warm-up runs and three timed ones of MobileNetV2."""
 
 
@@ -360,39 +361,27 @@ def test_kubectl_command_quotes_what_a_shell_would_split() -> None:
     )
 
 
-def error_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-               *args: str) -> str:
-    monkeypatch.setattr(sys, "argv", ["edgeweave", "profile-node", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("error: ")
-    assert not any(line.startswith(("Traceback", "error: ")) for line in lines[:-1]), lines
-    return lines[-1]
-
-
 def test_errors_are_one_line_and_exit_1(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, cli_error_line: Callable[..., str]
 ) -> None:
     monkeypatch.delenv("NODE_NAME", raising=False)
-    assert "--node-name" in error_line(monkeypatch, capsys, *QUICK, "--apply")
-    assert "not both" in error_line(
-        monkeypatch, capsys, *QUICK, "--peer", "http://127.0.0.1:9", "--bandwidth-mbps", "10"
+    assert "--node-name" in cli_error_line(*PROFILE, "--apply")
+    assert "not both" in cli_error_line(
+        *PROFILE, "--peer", "http://127.0.0.1:9", "--bandwidth-mbps", "10"
     )
-    assert "cannot reach peer http://127.0.0.1:9" in error_line(
-        monkeypatch, capsys, *QUICK, "--peer", "127.0.0.1:9", "--bandwidth-seconds", "0.2"
+    assert "cannot reach peer http://127.0.0.1:9" in cli_error_line(
+        *PROFILE, "--peer", "127.0.0.1:9", "--bandwidth-seconds", "0.2"
     )
-    assert "'Pi 4!'" in error_line(monkeypatch, capsys, *QUICK, "--device-class", "Pi 4!")
-    assert "no model 'nope'" in error_line(monkeypatch, capsys, "--model", "zoo:nope")
-    assert "--listen" in error_line(monkeypatch, capsys, "--serve", "--listen", "nowhere")
+    assert "'Pi 4!'" in cli_error_line(*PROFILE, "--device-class", "Pi 4!")
+    assert "no model 'nope'" in cli_error_line("profile-node", "--model", "zoo:nope")
+    assert "--listen" in cli_error_line("profile-node", "--serve", "--listen", "nowhere")
 
 
 def test_a_peer_that_is_not_a_profiler_is_named(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], peer: Peer
+    cli_error_line: Callable[..., str], peer: Peer
 ) -> None:
-    line = error_line(monkeypatch, capsys, *QUICK, "--peer", peer.url + "/elsewhere",
-                      "--bandwidth-seconds", "0.2")
+    line = cli_error_line(*PROFILE, "--peer", peer.url + "/elsewhere",
+                          "--bandwidth-seconds", "0.2")
     assert "HTTP 404" in line and "profile-node --serve" in line
 
 
