@@ -390,7 +390,14 @@ class GatewaySpec(SpecModel):
     port: int = Field(
         default=8080, ge=1, le=65535, description="Port of the gateway's Service."
     )
-    replicas: int = Field(default=1, ge=1, description="Gateway pods behind the Service.")
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Gateway pods behind the Service. Each pod advertises its own address, and the "
+            "last stage sends every result to the pod that holds its request."
+        ),
+    )
 
 
 class InferencePipelineSpec(SpecModel):

@@ -30,6 +30,10 @@ the round trip), `GET /v2`, `GET /v2/models/NAME`, `GET /v2/models/NAME/ready`,
 `POST /v1/stream` (frames; bearer token), `GET`/`PUT /v1/stage0` (where stage 0 is:
 the operator moves it after a re-plan without restarting the gateway; bearer token).
 
+With several gateway replicas behind one Service, start each with --advertise-url
+set to its own address (in Kubernetes `http://$(POD_IP):PORT`): the last stage then
+sends each result to the replica that holds its request, not to the Service.
+
 The metadata file is `{{"inputs": [...], "outputs": [...]}}`, each tensor
 `{{"name": ..., "datatype": "FP32", "shape": [-1, 3, 224, 224]}}` with -1 for the batch.
 The token comes from --token-file or the {TOKEN_ENV} environment variable. A client
@@ -82,6 +86,11 @@ def gateway_command(
     max_inflight: int = typer.Option(
         1024, "--max-inflight", min=1, help="Requests held at once; more get 429."
     ),
+    advertise_url: str | None = typer.Option(
+        None, "--advertise-url", metavar="URL",
+        help="This replica's own base URL (http://HOST:PORT): results come back to it "
+        "directly. Needed with more than one gateway replica.",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
 ) -> None:
     """Serve a pipeline's gateway; see the help text above."""
@@ -106,8 +115,26 @@ def gateway_command(
         limits=limits_for_body(int(max_body_mb * 2**20)),
         timeout_s=timeout_s,
         max_inflight=max_inflight,
+        advertise_url=bracketed_ipv6(advertise_url) if advertise_url is not None else None,
     )
     asyncio.run(_serve(config, host, port))
+
+
+def bracketed_ipv6(url: str) -> str:
+    """``url`` with an IPv6 host in brackets: Kubernetes substitutes ``$(POD_IP)`` as is,
+    so ``http://$(POD_IP):8080`` reads ``http://fd00::5:8080`` on an IPv6 cluster. The
+    part after the last colon is then the port (the URL is a bare ``scheme://host:port``)."""
+    import ipaddress
+
+    scheme, separator, rest = url.partition("://")
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if not separator or ":" not in host or not port.isdigit():
+        return url
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return url
+    return f"{scheme}://[{host}]{colon}{port}"
 
 
 def _initial_route(stage0: list[str], stage0_file: Path | None) -> Stage0Route:

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 WORKER_HELP = f"""
 Serve one stage of a pipeline: receive frames from upstream, run the shard, stream
-the results to the next stage's replicas (or to the gateway after the last stage).
+the results to the next stage's replicas (or to the gateway after the last stage:
+to the gateway replica that sent the request when it named itself, else to
+--downstream, the gateway Service).
 
 Endpoints: `POST /v1/stream` (frames; bearer token), `PUT /v1/downstream`
 (`{{"urls": [...]}}`; bearer token), `GET /healthz`, `GET /readyz` (200 once the shard

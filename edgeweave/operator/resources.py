@@ -360,14 +360,20 @@ def route_of_configmap(configmap: Mapping[str, Any] | None) -> Stage0Route | Non
 def gateway_deployment(rollout: Rollout, stage0_revision: str) -> dict[str, Any]:
     """The front door. Its pods follow the route ConfigMap (and the operator's pushes);
     ``stage0_revision`` records the plan revision every gateway pod confirmed following,
-    so the template never changes with a re-plan and the pods live on."""
+    so the template never changes with a re-plan and the pods live on.
+
+    Each pod advertises its own address (the downward API's pod IP): the last stage
+    sends a result to the replica that holds the request, not through the Service, which
+    could pick another replica once there are several."""
     ref, spec = rollout.ref, rollout.spec
     labels = ref.labels(s.COMPONENT_GATEWAY)
+    pod_ip = "POD_IP"
     args = [
         "gateway",
         "--model-name", ref.name,
         "--metadata", f"{s.PLAN_MOUNT}/{s.METADATA_KEY}",
         "--listen", f"0.0.0.0:{s.GATEWAY_CONTAINER_PORT}",
+        "--advertise-url", f"http://$({pod_ip}):{s.GATEWAY_CONTAINER_PORT}",
         "--stage0-file", f"{s.STAGE0_MOUNT}/{s.STAGE0_KEY}",
         "--token-file", f"{s.TOKEN_MOUNT}/{s.TOKEN_KEY}",
     ]
@@ -386,6 +392,9 @@ def gateway_deployment(rollout: Rollout, stage0_revision: str) -> dict[str, Any]
         readiness={"httpGet": {"path": "/v2/health/ready", "port": s.GATEWAY_CONTAINER_PORT}},
         liveness={"tcpSocket": {"port": s.GATEWAY_CONTAINER_PORT}},
     )
+    # Kubernetes expands $(POD_IP) in args from the container's own env.
+    container["env"] = [{"name": pod_ip,
+                         "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     if key_ref is not None:
         container["volumeMounts"].append(
             {"name": "api-key", "mountPath": s.API_KEY_MOUNT, "readOnly": True}

@@ -15,6 +15,19 @@ The header is ``{"id": str, "deadline": float | null, "kind": "data" | "error",
 "tensors": [{"name": str, "dtype": str, "shape": [int, ...]}, ...]}`` plus
 ``"error": str`` in (and only in) error frames, which carry no tensors. ``deadline``
 is absolute, in Unix seconds, so that it survives hops without clock arithmetic.
+Two optional fields (:data:`OPTIONAL_HEADER_KEYS`) may follow:
+
+- ``"reply_to"``: the base URL of the gateway replica that holds the request; the
+  last stage sends the result there rather than to its ``--downstream`` (the
+  gateway Service), so that a pipeline may have several gateway replicas.
+- ``"category"`` (error frames only): why the request failed, as one of
+  :data:`ERROR_CATEGORIES`, so that the gateway picks the client's status without
+  reading the message.
+
+Receivers from before these fields refuse any header key they do not know, and the
+format version did not change for them: a sender includes an optional field only
+when its receiver announced it reads it (see ``edgeweave.worker.link.FIELDS_HEADER``
+and :meth:`FrameHeader.reduced_to`). Old frames, without them, decode as before.
 
 Why this shape: tensors are never pickled or encoded per element; the encoder hands
 out the arrays' own memory (:func:`encode_frame` returns a list of buffers to write
@@ -24,12 +37,12 @@ aligned whenever the buffer is (bytes objects and bytearrays are). Small frames 
 coalesced into one buffer, so a small request costs one write.
 
 Validation and recovery: every field is checked (magic, version, lengths, JSON
-syntax, duplicate keys, unknown keys, id, deadline, kind, error text, tensor names,
-dtypes against :data:`DTYPES`, ranks, dims, element counts, the payload length
-against the tensors, the frame size against ``max_frame_bytes``, bool bytes) and a
-bad frame raises :class:`FrameError` saying what is wrong. Because the 16-byte
-prefix states the frame's full length *before* anything else is trusted, there are
-two kinds of failure on a stream:
+syntax, duplicate keys, unknown keys, id, deadline, kind, error text, reply_to,
+category, tensor names, dtypes against :data:`DTYPES`, ranks, dims, element counts,
+the payload length against the tensors, the frame size against ``max_frame_bytes``,
+bool bytes) and a bad frame raises :class:`FrameError` saying what is wrong. Because
+the 16-byte prefix states the frame's full length *before* anything else is trusted,
+there are two kinds of failure on a stream:
 
 - **recoverable** (``FrameError``, ``error.recoverable is True``): the prefix was
   sound, so the whole frame was consumed and the stream is positioned at the next
@@ -46,11 +59,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import struct
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -68,6 +83,8 @@ DEFAULT_MAX_FRAME_BYTES = 256 * 2**20
 MAX_ID_CHARS = 128
 MAX_NAME_CHARS = 256
 MAX_ERROR_CHARS = 4096
+MAX_REPLY_TO_CHARS = 256
+MAX_CATEGORY_CHARS = 32
 MAX_TENSORS = 1024
 MAX_RANK = 8
 MAX_ELEMENTS = 2**32
@@ -84,8 +101,15 @@ DTYPES: dict[str, np.dtype[Any]] = {
 }
 """The tensor element types a frame may carry, by wire name (numpy's name)."""
 
-HEADER_KEYS = frozenset({"id", "deadline", "kind", "tensors", "error"})
+OPTIONAL_HEADER_KEYS = ("reply_to", "category")
+"""Header fields added after version 1 shipped: sent only to receivers that read them."""
+HEADER_KEYS = frozenset({"id", "deadline", "kind", "tensors", "error", *OPTIONAL_HEADER_KEYS})
 REQUIRED_HEADER_KEYS = ("id", "deadline", "kind", "tensors")
+ERROR_CATEGORIES = ("invalid_input", "too_large", "deadline", "overloaded", "internal")
+"""Why a stage refused a request, as its error frame says. A receiver must accept (and
+treat as ``internal``) a well-formed category it does not know: a newer sender may add
+one, and refusing its frame would turn an answer into a lost request."""
+_CATEGORY_SHAPE = re.compile(r"[a-z][a-z0-9_]*")
 TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
 FrameKind = Literal["data", "error"]
 
@@ -95,10 +119,19 @@ class FrameError(EdgeweaveError, ValueError):
 
     recoverable = True
 
-    def __init__(self, message: str, *, frame_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, frame_id: str | None = None, reply_to: str | None = None
+    ) -> None:
         super().__init__(message)
         self.frame_id = frame_id
         """The refused frame's request id, when the header got far enough to tell."""
+        self.reply_to = reply_to
+        """The refused frame's valid ``reply_to``, so its error frame finds the gateway
+        replica that holds the request."""
+
+
+class FrameTooLarge(FrameError):
+    """A frame would be over the size limit (a result larger than the input that caused it)."""
 
 
 class FramingError(FrameError):
@@ -115,16 +148,39 @@ class FrameHeader:
     deadline: float | None = None
     kind: FrameKind = "data"
     error: str | None = None
+    reply_to: str | None = None
+    category: str | None = None
 
     def __post_init__(self) -> None:
         _check_id(self.id)
         object.__setattr__(self, "deadline", _checked_deadline(self.deadline, self.id))
         _check_kind_and_error(self.kind, self.error, self.id)
+        _check_reply_to(self.reply_to, self.id)
+        _check_category(self.category, self.kind, self.id)
 
     @classmethod
-    def for_error(cls, frame_id: str, message: str, deadline: float | None = None) -> FrameHeader:
+    def for_error(
+        cls,
+        frame_id: str,
+        message: str,
+        deadline: float | None = None,
+        *,
+        category: str | None = None,
+        reply_to: str | None = None,
+    ) -> FrameHeader:
         """An error frame for request ``frame_id``; the message is cut to fit the limit."""
-        return cls(frame_id, deadline, "error", message[:MAX_ERROR_CHARS] or "error")
+        return cls(
+            frame_id, deadline, "error", message[:MAX_ERROR_CHARS] or "error",
+            reply_to=reply_to, category=category,
+        )
+
+    def reduced_to(self, fields: Collection[str]) -> FrameHeader:
+        """This header without the optional fields a receiver does not read."""
+        reply_to = self.reply_to if "reply_to" in fields else None
+        category = self.category if "category" in fields else None
+        if (reply_to, category) == (self.reply_to, self.category):
+            return self
+        return replace(self, reply_to=reply_to, category=category)
 
 
 @dataclass(frozen=True)
@@ -187,7 +243,7 @@ def encode_frame(
     payload_len = sum(_padded(array.nbytes) for _, array in prepared)
     frame_bytes = PREFIX_BYTES + len(header_bytes) + payload_len
     if frame_bytes > max_frame_bytes:
-        raise FrameError(
+        raise FrameTooLarge(
             f"frame {header.id!r} would be {frame_bytes} bytes, over the "
             f"{max_frame_bytes}-byte limit", frame_id=header.id,
         )
@@ -237,6 +293,10 @@ def _header_bytes(header: FrameHeader, specs: Sequence[TensorSpec]) -> bytes:
     }
     if header.error is not None:
         document["error"] = header.error
+    if header.reply_to is not None:
+        document["reply_to"] = header.reply_to
+    if header.category is not None:
+        document["category"] = header.category
     text = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
     _check_header_document(document, len(text))  # the decoder's rules, on the sender's side
     return text + b" " * (_padded(PREFIX_BYTES + len(text)) - PREFIX_BYTES - len(text))
@@ -296,7 +356,7 @@ def _decode_body(body: memoryview, header_len: int, payload_len: int) -> Frame:
     if payload_len != expected:
         raise FrameError(
             f"frame {header.id!r}: payload is {payload_len} bytes but its tensors need "
-            f"{expected}", frame_id=header.id,
+            f"{expected}", frame_id=header.id, reply_to=header.reply_to,
         )
     tensors: dict[str, np.ndarray] = {}
     offset = header_len
@@ -306,7 +366,7 @@ def _decode_body(body: memoryview, header_len: int, payload_len: int) -> Frame:
         if spec.dtype == "bool" and array.size and array.view(np.uint8).max() > 1:
             raise FrameError(
                 f"frame {header.id!r}: bool tensor {spec.name!r} holds bytes other than 0 and 1",
-                frame_id=header.id,
+                frame_id=header.id, reply_to=header.reply_to,
             )
         tensors[spec.name] = array.reshape(spec.shape)
         offset += _padded(spec.nbytes)
@@ -350,6 +410,18 @@ def _check_header_document(document: Any, size: int) -> tuple[FrameHeader, list[
         raise FrameError(f"frame header must be a JSON object, not {_json_type(document)}")
     frame_id = document.get("id")
     _check_id(frame_id)
+    try:
+        return _check_identified_header(document, frame_id)
+    except FrameError as exc:
+        reply_to = document.get("reply_to")
+        if exc.reply_to is None and reply_to_problem(reply_to) is None:
+            exc.reply_to = reply_to  # the refusal, too, goes back to the replica that asked
+        raise
+
+
+def _check_identified_header(
+    document: dict[str, Any], frame_id: str
+) -> tuple[FrameHeader, list[TensorSpec]]:
     unknown = sorted(set(document) - HEADER_KEYS)
     if unknown:
         raise FrameError(
@@ -358,7 +430,10 @@ def _check_header_document(document: Any, size: int) -> tuple[FrameHeader, list[
     missing = [key for key in REQUIRED_HEADER_KEYS if key not in document]
     if missing:
         raise FrameError(f"frame {frame_id!r}: header lacks {missing}", frame_id=frame_id)
-    header = FrameHeader(frame_id, document["deadline"], document["kind"], document.get("error"))
+    header = FrameHeader(
+        frame_id, document["deadline"], document["kind"], document.get("error"),
+        document.get("reply_to"), document.get("category"),
+    )
     specs = _check_tensor_specs(document["tensors"], frame_id)
     if header.kind == "error" and specs:
         raise FrameError(
@@ -413,6 +488,67 @@ def _check_kind_and_error(kind: Any, error: Any, frame_id: str) -> None:
         raise FrameError(
             f"frame {frame_id!r}: an error frame needs an 'error' string of 1 to "
             f"{MAX_ERROR_CHARS} characters, not {_shown(error)}", frame_id=frame_id,
+        )
+
+
+def reply_to_problem(url: Any) -> str | None:
+    """Why ``url`` cannot be a ``reply_to`` (an http(s) base URL), or ``None``.
+
+    The last stage opens a connection to it and sends the pipeline's token there, so
+    only a plain ``scheme://host[:port]`` passes: no credentials, path, query or
+    fragment that could make it mean more than "this gateway replica".
+    """
+    if (
+        not isinstance(url, str)
+        or not 0 < len(url) <= MAX_REPLY_TO_CHARS
+        or not url.isascii()
+        or not url.isprintable()
+        or " " in url
+    ):
+        return (
+            f"must be an http(s) base URL of at most {MAX_REPLY_TO_CHARS} printable ASCII "
+            f"characters, not {_shown(url)}"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"is not a URL ({exc}): {_shown(url)}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http:// or https:// URL with a host, not {_shown(url)}"
+    if parts.username is not None or parts.password is not None:
+        return f"must not carry credentials: {_shown(url)}"
+    if parts.path not in ("", "/") or parts.query or parts.fragment or url.endswith(("?", "#")):
+        return f"must be a base URL (scheme, host and port only), not {_shown(url)}"
+    if port == 0:
+        return f"must not name port 0: {_shown(url)}"
+    return None
+
+
+def _check_reply_to(reply_to: Any, frame_id: str) -> None:
+    if reply_to is None:
+        return
+    problem = reply_to_problem(reply_to)
+    if problem is not None:
+        raise FrameError(f"frame {frame_id!r}: 'reply_to' {problem}", frame_id=frame_id)
+
+
+def _check_category(category: Any, kind: str, frame_id: str) -> None:
+    if category is None:
+        return
+    if kind != "error":
+        raise FrameError(
+            f"frame {frame_id!r}: only an error frame has a 'category'", frame_id=frame_id
+        )
+    if (
+        not isinstance(category, str)
+        or len(category) > MAX_CATEGORY_CHARS
+        or not _CATEGORY_SHAPE.fullmatch(category)
+    ):
+        raise FrameError(
+            f"frame {frame_id!r}: 'category' must be a lowercase identifier of at most "
+            f"{MAX_CATEGORY_CHARS} characters (such as {', '.join(ERROR_CATEGORIES)}), "
+            f"not {_shown(category)}", frame_id=frame_id,
         )
 
 

@@ -36,6 +36,11 @@ Why the pieces are shaped this way:
   requests (the pool keeps reconnecting, e.g. during a re-plan); once none has been
   reachable for a grace period, new requests are refused at once with the reason.
   A request whose deadline passes is 504 unless a hop reported it had no path (503).
+- **Several replicas.** Behind one Service, a result that came back through the Service
+  could reach a replica that does not hold its request. So each replica started with
+  ``--advertise-url`` (its own address) names itself in every frame's ``reply_to``, and
+  the last stage sends the result straight there. Stage 0's handshake says whether the
+  stages read the field; older ones would refuse it, so it is sent only when they do.
 - **Readiness means results come back.** ``/v2/health/ready`` is 200 when a stage-0 link
   is up *and* a full round trip has recently succeeded: a client request, or the
   gateway's probe (zeros shaped like the model's inputs, sent whenever no request has
@@ -71,6 +76,7 @@ from edgeweave.worker import frames
 from edgeweave.worker.frames import Frame, FrameError, FrameHeader, encode_frame
 from edgeweave.worker.link import (
     DEFAULT_MAX_OUTSTANDING,
+    SINK_ROLE,
     STREAM_PATH,
     STREAM_READ_BUFFER,
     Ack,
@@ -157,6 +163,10 @@ class GatewayConfig:
     stage0_file: Path | None = None
     """A route file to follow live (the operator's ``<pipeline>-stage0`` ConfigMap)."""
     stage0_file_poll_s: float = 1.0
+    advertise_url: str | None = None
+    """This replica's own base URL, where the last stage sends the results of the
+    requests it sent (``reply_to``); needed when several gateway replicas share one
+    Service. ``None``: results come back through ``--downstream`` of the last stage."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage0_urls", tuple(self.stage0_urls))
@@ -169,6 +179,10 @@ class GatewayConfig:
                 raise GatewayConfigError(f"--stage0: {exc}") from None
         if not self.token:
             raise GatewayConfigError("the pipeline token is empty (--token-file)")
+        if self.advertise_url is not None:
+            problem = frames.reply_to_problem(self.advertise_url)
+            if problem is not None:
+                raise GatewayConfigError(f"--advertise-url {problem}")
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise GatewayConfigError(f"the timeout must be positive seconds, not {self.timeout_s}")
         if self.max_inflight < 1 or self.max_outstanding_per_link < 1:
@@ -404,6 +418,7 @@ class Gateway:
             refuse=self._refuse_result,
             max_frame_bytes=_frame_limit(config.limits),
             metrics=self.worker_metrics,
+            role=SINK_ROLE,
         )
         self._inflight: dict[str, _InFlight] = {}
         self._by_frame: dict[str, _InFlight] = {}
@@ -780,20 +795,13 @@ class Gateway:
         """Hand one attempt to the stage-0 pool; waits while every link is at its cap."""
         assert self.pool is not None
         frame_id = entry.next_frame_id()
-        try:
-            buffers = encode_frame(
-                FrameHeader(frame_id, entry.deadline), entry.inputs,
-                max_frame_bytes=_frame_limit(self.config.limits),
-            )
-        except FrameError as exc:
-            raise PipelineFailure(413, f"the inputs do not fit in one frame: {exc}") from None
         entry.frame_ids.append(frame_id)
         entry.last_sent = time.monotonic()
         entry.lost = None
         if entry.wake.done():
             entry.wake = asyncio.get_running_loop().create_future()
         self._by_frame[frame_id] = entry
-        sending = asyncio.ensure_future(self.pool.send(frame_id, buffers))
+        sending = asyncio.ensure_future(self._send_frame(entry, frame_id))
         try:
             await asyncio.wait([sending, entry.future], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -810,6 +818,34 @@ class Gateway:
             raise PipelineFailure(503, "the gateway is shutting down") from None
         entry.deliveries.append(delivery)
         delivery.add_done_callback(lambda _: self._on_delivery(entry))
+
+    async def _send_frame(self, entry: _InFlight, frame_id: str) -> asyncio.Future[Delivery]:
+        assert self.pool is not None
+        reply_to = await self._reply_to(entry.deadline)
+        try:
+            buffers = encode_frame(
+                FrameHeader(frame_id, entry.deadline, reply_to=reply_to), entry.inputs,
+                max_frame_bytes=_frame_limit(self.config.limits),
+            )
+        except FrameError as exc:
+            raise PipelineFailure(413, f"the inputs do not fit in one frame: {exc}") from None
+        return await self.pool.send(frame_id, buffers)
+
+    async def _reply_to(self, deadline: float) -> str | None:
+        """This replica's address for the last stage, when stage 0 reads the field.
+
+        Without it the result comes back through the gateway Service, which is right
+        only with one replica. Stage 0's handshake tells whether the stages know the
+        field (older ones refuse a frame that carries it), so the first request waits
+        for a link to come up, as its ``send`` would have anyway.
+        """
+        assert self.pool is not None
+        if self.config.advertise_url is None:
+            return None
+        peer = await self.pool.wait_for_peer(deadline)
+        if peer is None or "reply_to" not in peer.fields:
+            return None
+        return self.config.advertise_url
 
     def _on_delivery(self, entry: _InFlight) -> None:
         """An attempt's trip ended. Acked: its result is already at the sink. Refused: its
@@ -882,7 +918,7 @@ class Gateway:
         if entry is None or entry.future.done():
             self.metrics.late_results.inc()
         elif frame.is_error:
-            entry.fail(failure_of_error_frame(frame.header.error or "error"))
+            entry.fail(failure_of_error_frame(frame.header.error or "error", frame.header.category))
         else:
             entry.future.set_result(frame)
         ack.ok()
@@ -1008,18 +1044,31 @@ async def start_gateway(
 # --------------------------------------------------------------------------- helpers
 
 
-_STATUS_OF_ERROR: Final = (
+STATUS_OF_CATEGORY: Final[Mapping[str, int]] = {
+    "invalid_input": 400,
+    "too_large": 413,
+    "deadline": 504,
+    "overloaded": 503,
+    "internal": 500,
+}
+"""An error frame's category (set by the stage that made it) → the client's status; a
+category this gateway does not know (a newer stage's) is 500."""
+assert set(STATUS_OF_CATEGORY) == set(frames.ERROR_CATEGORIES)
+
+_STATUS_OF_UNCATEGORIZED: Final = (
     (re.compile(r"^deadline exceeded\b"), 504),
     (re.compile(r"\bfailed to compute\b|\bcannot send its result\b"), 500),
-    (re.compile(r"\bno live (replica|downstream link)\b|\bno path\b"), 503),
     (re.compile(r"\brefused a frame\b|\blacks input|\bcarries tensor|\binput '.*' must "), 400),
 )
-"""Error-frame messages (stage.py's wording) → the client's status; anything else is 500."""
+"""For error frames without a category: stages from before categories, which a gateway
+meets during a rolling upgrade. Their wording, frozen; anything else is 500."""
 
 
-def failure_of_error_frame(message: str) -> PipelineFailure:
+def failure_of_error_frame(message: str, category: str | None = None) -> PipelineFailure:
     """The status a stage's error frame earns its request; the message is passed through."""
-    for pattern, status in _STATUS_OF_ERROR:
+    if category is not None:
+        return PipelineFailure(STATUS_OF_CATEGORY.get(category, 500), message, answered=True)
+    for pattern, status in _STATUS_OF_UNCATEGORIZED:
         if pattern.search(message):
             return PipelineFailure(status, message, answered=True)
     return PipelineFailure(500, message, answered=True)

@@ -20,6 +20,16 @@ Every hop (gateway → stage 0 → … → last stage → gateway) is the same k
   links (or on the same one once it reconnects, with backoff); a frame that finds no
   link before its deadline is dropped, and its delivery says so.
 
+- **Handshake**: the receiver's response headers say what it is (:data:`ROLE_HEADER`:
+  ``stage`` or ``sink``, the gateway) and which optional frame-header fields it reads
+  (:data:`FIELDS_HEADER`). A sender learns both when a link comes up
+  (:meth:`LinkPool.peer`): a stage whose downstream is a sink is the last stage, and
+  nobody sends a field its receiver would refuse (a receiver from before the field).
+
+- **Replies** (:class:`ReplyTargets`): the last stage sends a result whose frame names
+  a ``reply_to`` to that gateway replica, through one pool per replica, created on
+  first use and closed once idle.
+
 Why acks, and not just TCP: TCP's delivery ends at the peer's kernel buffer. A
 replica killed with frames in its queues loses them, and only the sender, which
 still holds the bytes until the ack, can send them again elsewhere. Duplicates are
@@ -47,6 +57,7 @@ from aiohttp import web
 
 from edgeweave.worker.frames import (
     DEFAULT_MAX_FRAME_BYTES,
+    OPTIONAL_HEADER_KEYS,
     PREFIX_BYTES,
     Frame,
     FrameError,
@@ -71,6 +82,19 @@ BACKOFF_MAX_S = 2.0
 STREAM_READ_BUFFER = 2**20
 """aiohttp's per-stream read buffer (``read_bufsize``) for links: big enough that a
 multi-MB frame is read in few wake-ups, small enough that a paused stream holds little."""
+ROLE_HEADER = "Edgeweave-Role"
+"""What a receiver is: :data:`STAGE_ROLE` or :data:`SINK_ROLE` (the gateway)."""
+FIELDS_HEADER = "Edgeweave-Frame-Fields"
+"""The optional frame-header fields a receiver reads, comma-separated. Absent (a
+receiver from before them): it reads none, and refuses a frame that carries one."""
+STAGE_ROLE = "stage"
+SINK_ROLE = "sink"
+DEFAULT_MAX_REPLY_TARGETS = 64
+DEFAULT_REPLY_IDLE_S = 30.0
+DEFAULT_REPLY_MAX_WAIT_S = 5.0
+"""How long a result may wait for a link to its gateway replica. A reply target does
+not come back under another name as a stage replica may; while a result for a dead
+replica waits, it holds its upstream links' slots, which other replicas' requests need."""
 
 Buffer = bytes | bytearray | memoryview
 LinkState = Literal["connecting", "up", "down", "closed"]
@@ -208,7 +232,9 @@ class StreamReceiver:
     ``error.frame_id`` names its request when the header got that far.
     ``not_ready()`` returns a reason to answer 503 instead (e.g. the shard is loading)
     or ``None``. When the sender ends its body, the response ends once every frame
-    it sent has been answered, so a finite stream gets all its acks.
+    it sent has been answered, so a finite stream gets all its acks. ``role`` is
+    announced to senders (:data:`ROLE_HEADER`), with the optional header fields this
+    version reads.
     """
 
     def __init__(
@@ -220,10 +246,15 @@ class StreamReceiver:
         not_ready: Callable[[], str | None] | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         metrics: WorkerMetrics | None = None,
+        role: str | None = None,
     ) -> None:
         if not token:
             raise ValueError("a stream receiver needs a non-empty token")
         self._token = token
+        self._headers = {"Content-Type": ACK_CONTENT_TYPE,
+                         FIELDS_HEADER: ",".join(OPTIONAL_HEADER_KEYS)}
+        if role is not None:
+            self._headers[ROLE_HEADER] = role
         self._deliver = deliver
         self._refuse = refuse or _fail_ack
         self._not_ready = not_ready or (lambda: None)
@@ -244,7 +275,7 @@ class StreamReceiver:
         reason = "shutting down" if self._closing else self._not_ready()
         if reason is not None:
             return web.json_response({"error": f"not ready: {reason}"}, status=503)
-        response = web.StreamResponse(headers={"Content-Type": ACK_CONTENT_TYPE})
+        response = web.StreamResponse(headers=self._headers)
         await response.prepare(request)
         acks = _AckStream(response)
         task = asyncio.current_task()
@@ -341,10 +372,31 @@ class Delivery:
     """No link took the frame before its deadline (or the pool closed)."""
 
 
+@dataclass(frozen=True)
+class Peer:
+    """What the receivers of a pool said of themselves when their links came up."""
+
+    role: str | None
+    fields: frozenset[str]
+    """The optional frame-header fields every one of them reads."""
+
+    @property
+    def is_sink(self) -> bool:
+        return self.role == SINK_ROLE
+
+
+def _peer_of(headers: Any) -> Peer:
+    listed = headers.get(FIELDS_HEADER, "")
+    fields = frozenset(name.strip() for name in listed.split(",") if name.strip())
+    return Peer(headers.get(ROLE_HEADER), fields)
+
+
 class _Pending:
     """A frame from ``send`` until its ack: the pool keeps its bytes for resends."""
 
-    __slots__ = ("buffers", "deadline", "expiry", "frame_id", "future", "kind", "nbytes")
+    __slots__ = (
+        "buffers", "deadline", "expiry", "frame_id", "future", "kind", "nbytes", "was_sent",
+    )
 
     def __init__(
         self, frame_id: str, buffers: list[Buffer], deadline: float | None, kind: str
@@ -356,6 +408,7 @@ class _Pending:
         self.kind = kind
         self.future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
         self.expiry: asyncio.TimerHandle | None = None
+        self.was_sent = False
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.time()) >= self.deadline
@@ -379,6 +432,8 @@ class _Link:
         self.stream_url = stream_url(url)
         self.state: LinkState = "connecting"
         self.retiring = False
+        self.peer: Peer | None = None
+        """What the receiver announced on the latest connection."""
         self.last_error: str | None = None
         self.sent_total = 0
         self._outstanding: dict[str, deque[_Pending]] = {}
@@ -391,6 +446,7 @@ class _Link:
         return self.state == "up" and not self.retiring and self.count < self.pool.max_outstanding
 
     def push(self, pending: _Pending) -> None:
+        pending.was_sent = True
         self._outstanding.setdefault(pending.frame_id, deque()).append(pending)
         self.count += 1
         self.sent_total += 1
@@ -487,6 +543,7 @@ class _Link:
             if response.status != 200:
                 text = (await response.text())[:300].strip()
                 raise _LinkRefused(f"{self.url} answered HTTP {response.status}: {text}")
+            self.peer = _peer_of(response.headers)
             self.state = "up"
             self.last_error = None
             self.pool._capacity_changed()
@@ -552,7 +609,9 @@ class LinkPool:
 
     Construct it inside a running event loop (links start connecting at once). The
     frame's deadline and kind are read from its own header, so the pool cannot disagree
-    with the frame about when to give up.
+    with the frame about when to give up. ``max_wait_s``, when given, also bounds how
+    long a frame waits for a link with room (a frame without a deadline, too).
+    ``gauges=False`` leaves the metrics' link gauges to the owner (who sums pools).
     """
 
     def __init__(
@@ -564,15 +623,20 @@ class LinkPool:
         session: aiohttp.ClientSession | None = None,
         metrics: WorkerMetrics | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        max_wait_s: float | None = None,
+        gauges: bool = True,
     ) -> None:
         if max_outstanding_per_link < 1:
             raise ValueError("max_outstanding_per_link must be at least 1")
+        if max_wait_s is not None and not max_wait_s > 0:
+            raise ValueError("max_wait_s must be positive")
         for url in urls:
             stream_url(url)  # refuse a bad target before opening anything
         self.token = token
         self.max_outstanding = max_outstanding_per_link
         self.metrics = metrics
         self.connect_timeout = connect_timeout
+        self.max_wait_s = max_wait_s
         self._own_session = session is None
         self.session = session or aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True),
@@ -584,7 +648,7 @@ class LinkPool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
         self.set_targets(urls)
-        if metrics is not None:
+        if metrics is not None and gauges:
             metrics.link_outstanding.set_function(self.outstanding)
             metrics.links_up.set_function(self.links_up)
 
@@ -603,6 +667,26 @@ class LinkPool:
     def links_up(self) -> int:
         return sum(1 for link in self._links.values() if link.state == "up")
 
+    def peer(self) -> Peer | None:
+        """What the current replicas announced; ``None`` until one link has come up.
+
+        The role is theirs when they agree; the fields are those every one reads, so a
+        frame encoded for them suits whichever link it ends up on."""
+        peers = [link.peer for link in self._links.values() if link.peer is not None]
+        if not peers:
+            return None
+        roles = {peer.role for peer in peers}
+        fields = frozenset.intersection(*(peer.fields for peer in peers))
+        return Peer(roles.pop() if len(roles) == 1 else None, fields)
+
+    async def wait_for_peer(self, deadline: float | None) -> Peer | None:
+        """:meth:`peer`, once a link has come up; ``None`` if none did by ``deadline``."""
+        while (peer := self.peer()) is None:
+            if self._closed or (deadline is not None and time.time() >= deadline):
+                return None
+            await self._wait_for_capacity(deadline)
+        return peer
+
     def link_errors(self) -> dict[str, str]:
         """The last failure of every link that is not up, for 503 reasons and logs."""
         return {
@@ -617,23 +701,29 @@ class LinkPool:
         Returns a future that resolves when the frame is acked or dropped; it never
         raises. Do not modify the buffers' memory until then.
         """
-        if self._closed:
-            raise RuntimeError("send() on a closed LinkPool")
-        deadline, kind = _deadline_and_kind(frame_id, buffers)
-        pending = _Pending(frame_id, list(buffers), deadline, kind)
+        pending = self._pending(frame_id, buffers)
+        give_up = self._give_up_time(pending)
         while True:
-            if not self._retry:
-                link = self._least_outstanding()
-                if link is not None:
-                    link.push(pending)
-                    return pending.future
+            if self._place(pending):
+                return pending.future
             if self._closed:
                 self._drop(pending, "the link pool was closed")
                 return pending.future
-            if pending.expired():
-                self._drop(pending, self._no_link_reason())
+            if give_up is not None and time.time() >= give_up:
+                self._drop(pending, self._no_link_reason(pending))
                 return pending.future
-            await self._wait_for_capacity(deadline)
+            await self._wait_for_capacity(give_up)
+
+    def enqueue(self, frame_id: str, buffers: Sequence[Buffer]) -> asyncio.Future[Delivery]:
+        """Like :meth:`send`, but never waits: a frame no link has room for waits in the
+        pool (until its deadline or ``max_wait_s``) and the caller goes on. For a sender
+        that must not stall every frame behind one target; its own bound on frames in
+        flight (end-to-end acks upstream) is what keeps the pool's queue small."""
+        pending = self._pending(frame_id, buffers)
+        if not self._place(pending):
+            self._hold(pending)
+            self._capacity_changed()  # frames waiting while a link has room go now
+        return pending.future
 
     def set_targets(self, urls: Sequence[str]) -> None:
         """Replace the replica set live: new links connect, removed ones drain and close."""
@@ -676,6 +766,44 @@ class LinkPool:
             await self.session.close()
 
     # ------------------------------------------------------------- internals
+    def _pending(self, frame_id: str, buffers: Sequence[Buffer]) -> _Pending:
+        if self._closed:
+            raise RuntimeError("send() on a closed LinkPool")
+        deadline, kind = _deadline_and_kind(frame_id, buffers)
+        return _Pending(frame_id, list(buffers), deadline, kind)
+
+    def _place(self, pending: _Pending) -> bool:
+        """Put ``pending`` on the best link now, unless resends wait or no link has room."""
+        if self._retry:
+            return False
+        link = self._least_outstanding()
+        if link is None:
+            return False
+        link.push(pending)
+        return True
+
+    def _give_up_time(self, pending: _Pending) -> float | None:
+        """When a frame waiting for a link is dropped: its deadline, or sooner."""
+        if self.max_wait_s is None:
+            return pending.deadline
+        waited = time.time() + self.max_wait_s
+        return waited if pending.deadline is None else min(pending.deadline, waited)
+
+    def _hold(self, pending: _Pending) -> None:
+        """Keep ``pending`` until a link has room; drop it when it has waited too long."""
+        if self._closed:
+            self._drop(pending, "the link pool was closed")
+            return
+        give_up = self._give_up_time(pending)
+        if give_up is not None and time.time() >= give_up:
+            self._drop(pending, self._no_link_reason(pending))
+            return
+        self._retry.append(pending)
+        if give_up is not None:
+            pending.expiry = asyncio.get_running_loop().call_later(
+                max(0.0, give_up - time.time()), self._expire_retry, pending
+            )
+
     def _all_links(self) -> list[_Link]:
         return [*self._links.values(), *self._retiring]
 
@@ -711,9 +839,9 @@ class LinkPool:
             if pending.expiry is not None:
                 pending.expiry.cancel()
                 pending.expiry = None
-            link.push(pending)
-            if self.metrics is not None:
+            if pending.was_sent and self.metrics is not None:
                 self.metrics.frames_resent.inc()
+            link.push(pending)
         self._wake_all()
 
     def _wake_all(self) -> None:
@@ -725,25 +853,18 @@ class LinkPool:
         """A link's connection ended: its unacked frames go to the others (or wait)."""
         if final:
             self._retiring.discard(link)
-        loop = asyncio.get_running_loop()
         for pending in pendings:
-            if self._closed:
-                self._drop(pending, "the link pool was closed")
-            elif pending.expired():
+            if pending.expired():
                 self._drop(pending, f"deadline passed after {link.url} failed: {link.last_error}")
             else:
-                self._retry.append(pending)
-                if pending.deadline is not None:
-                    pending.expiry = loop.call_later(
-                        max(0.0, pending.deadline - time.time()), self._expire_retry, pending
-                    )
+                self._hold(pending)
         self._capacity_changed()
 
     def _expire_retry(self, pending: _Pending) -> None:
         pending.expiry = None
         with contextlib.suppress(ValueError):
             self._retry.remove(pending)
-            self._drop(pending, self._no_link_reason())
+            self._drop(pending, self._no_link_reason(pending))
             self._wake_all()
 
     def _drop(self, pending: _Pending, reason: str) -> None:
@@ -754,14 +875,111 @@ class LinkPool:
         log.info("dropping frame %r: %s", pending.frame_id, reason)
         pending.resolve(Delivery(pending.frame_id, False, reason, None, dropped=True))
 
-    def _no_link_reason(self) -> str:
+    def _no_link_reason(self, pending: _Pending) -> str:
+        when = (
+            "the deadline passed" if pending.expired()
+            else f"gave up after waiting {self.max_wait_s:g} s"
+        )
         if not self._links:
-            return "the deadline passed: the link pool has no targets"
+            return f"{when}: the link pool has no targets"
         errors = self.link_errors()
         if not errors:
-            return "the deadline passed while every downstream link was at its cap"
+            return f"{when} while every downstream link was at its cap"
         shown = "; ".join(f"{url}: {error}" for url, error in errors.items())
-        return f"the deadline passed with no live downstream link ({shown})"
+        return f"{when} with no live downstream link ({shown})"
+
+
+class ReplyTargets:
+    """One :class:`LinkPool` per gateway replica that results go back to (``reply_to``).
+
+    A pool is made on first use and closed once it has held nothing for ``idle_s``, so
+    a gateway replica that is gone costs nothing after a while. At most ``max_targets``
+    exist at once: :meth:`pool_for` answers ``None`` beyond that, and the caller refuses
+    the frame. A frame waits at most ``max_wait_s`` for its replica's link (see
+    :data:`DEFAULT_REPLY_MAX_WAIT_S`). Construct it inside a running event loop.
+    """
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        max_targets: int = DEFAULT_MAX_REPLY_TARGETS,
+        idle_s: float = DEFAULT_REPLY_IDLE_S,
+        max_wait_s: float = DEFAULT_REPLY_MAX_WAIT_S,
+        max_outstanding_per_link: int = DEFAULT_MAX_OUTSTANDING,
+        metrics: WorkerMetrics | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    ) -> None:
+        if max_targets < 1 or not idle_s > 0:
+            raise ValueError("max_targets must be at least 1 and idle_s positive")
+        self.token = token
+        self.max_targets = max_targets
+        self.idle_s = idle_s
+        self._pool_options: dict[str, Any] = {
+            "max_outstanding_per_link": max_outstanding_per_link, "metrics": metrics,
+            "connect_timeout": min(connect_timeout, max_wait_s), "max_wait_s": max_wait_s,
+            "gauges": False,
+        }
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            read_bufsize=STREAM_READ_BUFFER,
+        )
+        self._pools: dict[str, LinkPool] = {}
+        self._last_used: dict[str, float] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._reaper = asyncio.create_task(self._reap_idle(), name="edgeweave-reply-reaper")
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self._pools)
+
+    def pool_for(self, url: str) -> LinkPool | None:
+        """The pool to ``url`` (made now if new); ``None`` when at ``max_targets``."""
+        if self._closed:
+            raise RuntimeError("pool_for() on closed ReplyTargets")
+        pool = self._pools.get(url)
+        if pool is None:
+            if len(self._pools) >= self.max_targets:
+                return None
+            pool = LinkPool([url], self.token, session=self._session, **self._pool_options)
+            self._pools[url] = pool
+            log.info("results now also go back to %s", url)
+        self._last_used[url] = time.monotonic()
+        return pool
+
+    def outstanding(self) -> int:
+        return sum(pool.outstanding() for pool in self._pools.values())
+
+    def links_up(self) -> int:
+        return sum(pool.links_up() for pool in self._pools.values())
+
+    async def close(self) -> None:
+        """Close every pool; frames not yet acked resolve as dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reaper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reaper
+        pools = list(self._pools.values())
+        self._pools.clear()
+        await asyncio.gather(*(pool.close(grace_s=0.5) for pool in pools), *self._closing)
+        await self._session.close()
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(self.idle_s / 4)
+            now = time.monotonic()
+            for url, pool in list(self._pools.items()):
+                if pool.outstanding() == 0 and now - self._last_used[url] >= self.idle_s:
+                    # Out of the table first: a frame for this replica meanwhile gets a
+                    # new pool rather than one that is closing.
+                    del self._pools[url], self._last_used[url]
+                    closing = asyncio.create_task(pool.close(grace_s=0.5))
+                    self._closing.add(closing)
+                    closing.add_done_callback(self._closing.discard)
+                    log.info("closed the idle result link to %s", url)
 
 
 def _deadline_and_kind(frame_id: str, buffers: Sequence[Buffer]) -> tuple[float | None, str]:

@@ -18,6 +18,18 @@ its upstream resends what it had not been acked. The price is that a link's cap
 bounds all frames in flight behind it, so the cap must cover a few stages of
 pipelining (the default 16 does).
 
+Where results go: to the ``--downstream`` pool, except at the last stage for a frame
+that names a ``reply_to`` (the gateway replica holding the request): that result goes
+to that replica, through a pool of its own (:class:`~edgeweave.worker.link.ReplyTargets`),
+so that several gateway replicas can share one set of stages. A stage knows it is the
+last from its downstream's handshake (the gateway announces itself as the sink), so
+neither the operator nor ``edgeweave run`` has to say it. Each output frame carries
+the input frame's ``reply_to`` on, and the optional header fields only go to a
+receiver that announced it reads them (an older one would refuse the frame).
+
+Error frames name a category (:data:`~edgeweave.worker.frames.ERROR_CATEGORIES`):
+the gateway's client status comes from it, never from the message's wording.
+
 onnxruntime runs with ``intra_op_num_threads = threads`` (the node's CPU share), one
 inter-op thread, sequential execution, and its worker threads do not spin-wait: a
 spinning pool would burn the CPU share that receiving and sending need, and in
@@ -31,7 +43,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -39,23 +51,32 @@ from typing import Any
 import aiohttp
 import numpy as np
 from aiohttp import web
+from prometheus_client import Gauge
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.worker.frames import (
     DEFAULT_MAX_FRAME_BYTES,
     DTYPES,
+    OPTIONAL_HEADER_KEYS,
     Frame,
     FrameError,
     FrameHeader,
+    FrameTooLarge,
     encode_frame,
 )
 from edgeweave.worker.link import (
     DEFAULT_MAX_OUTSTANDING,
+    DEFAULT_MAX_REPLY_TARGETS,
+    DEFAULT_REPLY_IDLE_S,
+    DEFAULT_REPLY_MAX_WAIT_S,
+    STAGE_ROLE,
     STREAM_PATH,
     STREAM_READ_BUFFER,
     Ack,
     Delivery,
     LinkPool,
+    Peer,
+    ReplyTargets,
     StreamReceiver,
     bearer_auth_middleware,
     stream_url,
@@ -65,6 +86,9 @@ from edgeweave.worker.shardfile import ShardFileError, check_sha256_format, read
 
 log = logging.getLogger(__name__)
 
+REPLY_FIELDS = frozenset(OPTIONAL_HEADER_KEYS) - {"reply_to"}
+"""What a result to its gateway replica carries: a gateway that sets ``reply_to`` reads
+every optional field (they came in one version), and the frame is where it belongs."""
 DEFAULT_QUEUE_SIZE = 2
 """Frames waiting to compute (and computed, waiting to send): two keep the compute
 thread fed across a network hiccup; more would only add latency and memory."""
@@ -104,6 +128,12 @@ class StageConfig:
     queue_size: int = DEFAULT_QUEUE_SIZE
     max_outstanding: int = DEFAULT_MAX_OUTSTANDING
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_reply_targets: int = DEFAULT_MAX_REPLY_TARGETS
+    """Gateway replicas a last stage sends results to at once; more are refused."""
+    reply_idle_s: float = DEFAULT_REPLY_IDLE_S
+    """A link to a gateway replica that carried nothing for this long is closed."""
+    reply_max_wait_s: float = DEFAULT_REPLY_MAX_WAIT_S
+    """How long a result waits for a link to its gateway replica before it is dropped."""
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -118,6 +148,11 @@ class StageConfig:
         if self.threads < 1 or self.queue_size < 1 or self.max_outstanding < 1:
             raise EdgeweaveError(
                 f"stage {self.name}: --threads, --queue-size and --max-outstanding must be ≥ 1"
+            )
+        if self.max_reply_targets < 1 or not (self.reply_idle_s > 0 and self.reply_max_wait_s > 0):
+            raise EdgeweaveError(
+                f"stage {self.name}: max_reply_targets must be ≥ 1, reply_idle_s and "
+                "reply_max_wait_s positive"
             )
         object.__setattr__(self, "shard_sha256", check_sha256_format(self.shard_sha256))
 
@@ -224,6 +259,11 @@ class _Work:
     error: str | None = None
     """Why this stage refused the frame: an error frame goes downstream, and upstream's
     ack says ``ok: false`` with this message once downstream has the error frame."""
+    category: str = "internal"
+    """The error's category (frames.ERROR_CATEGORIES), when there is an error."""
+
+    def refuse(self, message: str, category: str) -> None:
+        self.error, self.category = message, category
 
 
 class StageWorker:
@@ -235,6 +275,7 @@ class StageWorker:
         self.runner: ShardRunner | None = None
         self.load_error: str | None = None
         self.pool: LinkPool | None = None
+        self.replies: ReplyTargets | None = None
         self._inbox: asyncio.Queue[_Work] = asyncio.Queue(config.queue_size)
         self._outbox: asyncio.Queue[_Work] = asyncio.Queue(config.queue_size)
         self._inflight: dict[str, _Work] = {}
@@ -248,6 +289,7 @@ class StageWorker:
             not_ready=self._not_ready,
             max_frame_bytes=config.max_frame_bytes,
             metrics=self.metrics,
+            role=STAGE_ROLE,
         )
         self.metrics.watch_queue("in", self._inbox.qsize, config.queue_size)
         self.metrics.watch_queue("out", self._outbox.qsize, config.queue_size)
@@ -284,7 +326,17 @@ class StageWorker:
             self.config.token,
             max_outstanding_per_link=self.config.max_outstanding,
             metrics=self.metrics,
+            gauges=False,
         )
+        self.replies = ReplyTargets(
+            self.config.token,
+            max_targets=self.config.max_reply_targets,
+            idle_s=self.config.reply_idle_s,
+            max_wait_s=self.config.reply_max_wait_s,
+            max_outstanding_per_link=self.config.max_outstanding,
+            metrics=self.metrics,
+        )
+        self._watch_links(self.pool, self.replies)
         self._load_task = asyncio.create_task(self._load(), name="edgeweave-load-shard")
         # The error stays in load_error and /readyz; retrieving it here keeps asyncio
         # from reporting it again when nobody awaits wait_loaded().
@@ -306,6 +358,8 @@ class StageWorker:
                 await task
         if self.pool is not None:
             await self.pool.close()
+        if self.replies is not None:
+            await self.replies.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _load(self) -> None:
@@ -338,6 +392,22 @@ class StageWorker:
             "stage %s ready: inputs %s, outputs %s", self.config.name,
             [r.name for r in runner.inputs], runner.outputs,
         )
+
+    def _watch_links(self, pool: LinkPool, replies: ReplyTargets) -> None:
+        """Link gauges over both kinds of outbound pool; the reply targets have their own."""
+        metrics = self.metrics
+        metrics.link_outstanding.set_function(lambda: pool.outstanding() + replies.outstanding())
+        metrics.links_up.set_function(lambda: pool.links_up() + replies.links_up())
+        Gauge(
+            "edgeweave_reply_targets",
+            "Gateway replicas this (last) stage holds a result link to.",
+            registry=metrics.registry,
+        ).set_function(lambda: len(replies.targets))
+        Gauge(
+            "edgeweave_frames_held",
+            "Frames taken in to compute whose result downstream has not acked yet.",
+            registry=metrics.registry,
+        ).set_function(lambda: len(self._inflight))
 
     def _not_ready(self) -> str | None:
         if self.runner is not None:
@@ -379,13 +449,14 @@ class StageWorker:
         return web.json_response({"urls": self.pool.targets})
 
     async def _get_downstream(self, request: web.Request) -> web.Response:
-        assert self.pool is not None
+        assert self.pool is not None and self.replies is not None
         return web.json_response(
             {
                 "urls": self.pool.targets,
                 "outstanding": self.pool.outstanding_by_target(),
                 "links_up": self.pool.links_up(),
                 "errors": self.pool.link_errors(),
+                "reply_targets": self.replies.targets,
             }
         )
 
@@ -404,7 +475,7 @@ class StageWorker:
         problem = self.runner.check(frame)
         if problem is not None:
             self.metrics.frames_refused.labels(reason="tensors").inc()
-            work.error = f"stage {self.config.name}: {problem}"
+            work.refuse(f"stage {self.config.name}: {problem}", "invalid_input")
             await self._forward(work)
             return
         self._inflight[frame.id] = work
@@ -416,8 +487,10 @@ class StageWorker:
         if error.frame_id is None:
             ack.fail(message)
             return
-        header = FrameHeader.for_error(error.frame_id, message)
-        work = _Work(Frame(header), [ack], error=message)
+        header = FrameHeader.for_error(
+            error.frame_id, message, category="invalid_input", reply_to=error.reply_to
+        )
+        work = _Work(Frame(header), [ack], error=message, category="invalid_input")
         await self._forward(work)
 
     # ------------------------------------------------------------- compute
@@ -429,9 +502,9 @@ class StageWorker:
             late = time.time() - deadline if deadline is not None else 0.0
             if late > 0:
                 self.metrics.frames_refused.labels(reason="deadline").inc()
-                work.error = (
+                work.refuse(
                     f"deadline exceeded: stage {self.config.name} got frame {work.frame.id!r} "
-                    f"{late:.3f} s after its deadline"
+                    f"{late:.3f} s after its deadline", "deadline",
                 )
             else:
                 await self._compute(loop, work)
@@ -449,8 +522,9 @@ class StageWorker:
             metrics.frames_computed.inc()
         except Exception as exc:  # onnxruntime's errors are untyped; the stage lives on
             metrics.frames_refused.labels(reason="compute").inc()
-            work.error = (
-                f"stage {self.config.name} failed to compute frame {work.frame.id!r}: {exc}"
+            work.refuse(
+                f"stage {self.config.name} failed to compute frame {work.frame.id!r}: {exc}",
+                "internal",
             )
             log.warning("%s", work.error)
         finally:
@@ -473,27 +547,56 @@ class StageWorker:
                     ack.fail(f"stage {self.config.name} could not forward the frame: {exc}")
 
     async def _forward(self, work: _Work) -> None:
-        """Send the result (or error frame) downstream; ack upstream once it is acked there."""
-        assert self.pool is not None
-        buffers = self._encode(work)
-        future = await self.pool.send(work.frame.id, buffers)
+        """Send the result (or error frame) on; ack upstream once it is acked there.
+
+        Downstream's handshake decides two things: which optional header fields go
+        (none it would refuse), and whether this is the last stage, whose results go
+        to the gateway replica named by ``reply_to``. A frame that arrives before any
+        downstream link came up waits for one here, as it would in ``send``.
+        """
+        assert self.pool is not None and self.replies is not None
+        peer = await self.pool.wait_for_peer(work.frame.deadline)
+        reply_to = work.frame.header.reply_to
+        if reply_to is not None and peer is not None and peer.is_sink:
+            replies = self.replies.pool_for(reply_to)
+            if replies is not None:
+                # Never wait here: a slow or dead gateway replica must not hold up the
+                # results of the others. The upstream links' caps bound what piles up.
+                future = replies.enqueue(work.frame.id, self._encode(work, REPLY_FIELDS))
+                future.add_done_callback(functools.partial(self._settle, work))
+                return
+            work.refuse(
+                f"stage {self.config.name} already sends results to "
+                f"{self.replies.max_targets} gateway replicas, the most it serves; "
+                f"refusing the request from {reply_to}", "overloaded",
+            )
+        future = await self.pool.send(work.frame.id, self._encode(work, _sendable_fields(peer)))
         future.add_done_callback(functools.partial(self._settle, work))
 
-    def _encode(self, work: _Work) -> list[bytes | memoryview]:
+    def _encode(self, work: _Work, fields: Collection[str]) -> list[bytes | memoryview]:
+        """The frame to send on (result or error), with only ``fields`` of the optional ones."""
         header = work.frame.header
         if work.error is None and header.kind != "error":
             assert work.outputs is not None
             try:
                 return encode_frame(
-                    FrameHeader(header.id, header.deadline), work.outputs,
-                    max_frame_bytes=self.config.max_frame_bytes,
+                    FrameHeader(header.id, header.deadline, reply_to=header.reply_to)
+                    .reduced_to(fields),
+                    work.outputs, max_frame_bytes=self.config.max_frame_bytes,
                 )
+            except FrameTooLarge as exc:
+                work.refuse(f"stage {self.config.name}: cannot send its result: {exc}",
+                            "too_large")
             except FrameError as exc:
-                work.error = f"stage {self.config.name}: cannot send its result: {exc}"
+                work.refuse(f"stage {self.config.name}: cannot send its result: {exc}",
+                            "internal")
         if work.error is not None:
-            header = FrameHeader.for_error(header.id, work.error, header.deadline)
+            header = FrameHeader.for_error(
+                header.id, work.error, header.deadline, category=work.category,
+                reply_to=header.reply_to,
+            )
         work.outputs = None
-        return encode_frame(header, {})
+        return encode_frame(header.reduced_to(fields), {})
 
     def _settle(self, work: _Work, future: asyncio.Future[Delivery]) -> None:
         if self._inflight.get(work.frame.id) is work:
@@ -506,6 +609,15 @@ class StageWorker:
                 ack.fail(work.error)
             else:
                 ack.ok()
+
+
+def _sendable_fields(peer: Peer | None) -> frozenset[str]:
+    """The optional header fields a frame to the default downstream may carry: those it
+    reads, but no ``reply_to`` to a gateway (through its Service, the frame is not
+    where the field says it should go; a result there is the old, one-replica way)."""
+    if peer is None:
+        return frozenset()
+    return peer.fields - {"reply_to"} if peer.is_sink else peer.fields
 
 
 # --------------------------------------------------------------------- serving

@@ -32,7 +32,7 @@ from onnx import TensorProto, helper
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgeweave.worker.frames import Frame
-from edgeweave.worker.link import STREAM_PATH, Ack, StreamReceiver
+from edgeweave.worker.link import FIELDS_HEADER, STREAM_PATH, Ack, StreamReceiver
 
 T = TypeVar("T")
 WORKER_COMMAND = (sys.executable, "-m", "edgeweave", "worker")
@@ -187,23 +187,28 @@ class Sink:
     """Stands in for the gateway's result endpoint: keeps the first frame per id.
 
     ``pause()`` makes it stop reading its streams (``deliver`` blocks), as a stalled
-    gateway would; ``resume()`` lets everything through.
+    gateway would; ``resume()`` lets everything through. ``role`` is what it announces
+    (``"sink"``: the gateway's); ``announce=False`` answers like a receiver from before
+    the optional frame-header fields (it announces none).
     """
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, *, role: str | None = None, announce: bool = True) -> None:
         self.token = token
+        self.announce = announce
         self.results: dict[str, Frame] = {}
         self.duplicates = 0
         self.delivered = 0
         self._open = asyncio.Event()
         self._open.set()
-        self.receiver = StreamReceiver(token, self._deliver)
+        self.receiver = StreamReceiver(token, self._deliver, role=role)
         self._runner: web.AppRunner | None = None
         self.url = ""
 
     async def start(self, port: int = 0) -> Sink:
         app = web.Application()
         app.router.add_post(STREAM_PATH, self.receiver.handle)
+        if not self.announce:
+            app.on_response_prepare.append(_announce_no_fields)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", port).start()
@@ -232,6 +237,10 @@ class Sink:
 
     async def wait_for(self, count: int) -> None:
         await wait_until(lambda: len(self.results) >= count, f"{count} results at the sink")
+
+
+async def _announce_no_fields(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.popall(FIELDS_HEADER, None)
 
 
 # --------------------------------------------------------------------- processes

@@ -230,6 +230,22 @@ HEADER_CASES: list[tuple[Any, str]] = [
      r"has 1099511627776 elements, over 4294967296"),
     (_header(tensors=[{"name": "a", "dtype": "int8", "shape": [0]}] * 2),
      r"has tensor 'a' twice"),
+    (_header(reply_to="ftp://gw:8080"), r"'reply_to' must be an http:// or https:// URL"),
+    (_header(reply_to="http://gw:8080/v1/stream"), r"'reply_to' must be a base URL"),
+    (_header(reply_to="http://gw:8080/?x=1"), r"'reply_to' must be a base URL"),
+    (_header(reply_to="http://user:pw@gw:8080"), r"'reply_to' must not carry credentials"),
+    (_header(reply_to="http://gw:99999"), r"'reply_to' is not a URL"),
+    (_header(reply_to="http://[fd00::1"), r"'reply_to' is not a URL"),
+    (_header(reply_to="http://gw:0"), r"'reply_to' must not name port 0"),
+    (_header(reply_to="http://" + "g" * 300), r"'reply_to' must be an http\(s\) base URL of at"),
+    (_header(reply_to="http://gw\n:1"), r"'reply_to' must be an http\(s\) base URL"),
+    (_header(reply_to="http://gé:1"), r"'reply_to' must be an http\(s\) base URL"),
+    (_header(reply_to=8080), r"'reply_to' must be an http\(s\) base URL .*not 8080"),
+    (_header(reply_to=""), r"'reply_to' must be an http\(s\) base URL"),
+    (_header(category="internal"), r"only an error frame has a 'category'"),
+    (_header(kind="error", error="x", category="Internal"), r"'category' must be a lowercase"),
+    (_header(kind="error", error="x", category="x" * 33), r"'category' must be a lowercase"),
+    (_header(kind="error", error="x", category=3), r"'category' must be a lowercase"),
 ]
 
 
@@ -249,6 +265,40 @@ def test_refusals_name_the_request_once_its_id_is_known() -> None:
     with pytest.raises(FrameError) as caught:
         decode_frame(_raw_frame(_header(id="")))
     assert caught.value.frame_id is None
+
+
+def test_reply_to_and_category_round_trip_and_old_frames_decode_as_before() -> None:
+    data = FrameHeader("r", 5.0, reply_to="http://10.0.0.9:8080")
+    error = FrameHeader.for_error("r", "boom", category="too_large", reply_to="https://[fd00::9]")
+    for header, arrays in ((data, {"x": np.ones(2, np.float32)}), (error, {})):
+        assert decode_frame(encode_frame_bytes(header, arrays)).header == header
+    # Fields a receiver does not announce are left out, so a receiver from before them
+    # gets exactly the frame it always got.
+    bare = encode_frame_bytes(error.reduced_to(()), {})
+    assert b"reply_to" not in bare and b"category" not in bare
+    assert bare == encode_frame_bytes(FrameHeader.for_error("r", "boom"), {})
+    with_category = FrameHeader.for_error("r", "boom", category="too_large")
+    assert error.reduced_to(["category"]) == with_category
+    old = decode_frame(_raw_frame(_header(kind="error", error="from an old stage")))
+    assert (old.header.reply_to, old.header.category) == (None, None)
+    # A category this version does not know (a newer sender's) still decodes.
+    newer = decode_frame(_raw_frame(_header(kind="error", error="x", category="quota_spent")))
+    assert newer.header.category == "quota_spent"
+
+
+def test_a_refusal_keeps_a_valid_reply_to_so_its_error_finds_the_right_gateway() -> None:
+    bad_tensor = [{"name": "a", "dtype": "complex64", "shape": []}]
+    with pytest.raises(FrameError) as caught:
+        decode_frame(_raw_frame(_header(reply_to="http://gw-1:8080", tensors=bad_tensor)))
+    assert (caught.value.frame_id, caught.value.reply_to) == ("req-7", "http://gw-1:8080")
+    payload_short = _header(reply_to="http://gw-1:8080",
+                            tensors=[{"name": "a", "dtype": "float32", "shape": [3]}])
+    with pytest.raises(FrameError) as caught:
+        decode_frame(_raw_frame(payload_short, b"\0" * 8))
+    assert caught.value.reply_to == "http://gw-1:8080"
+    with pytest.raises(FrameError) as caught:
+        decode_frame(_raw_frame(_header(reply_to="ftp://gw-1")))
+    assert (caught.value.frame_id, caught.value.reply_to) == ("req-7", None)
 
 
 def test_payload_must_match_the_tensors() -> None:

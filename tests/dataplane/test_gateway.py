@@ -647,49 +647,108 @@ def test_a_stages_refusal_and_compute_error_reach_the_client_with_its_message(
     asyncio.run(scenario())
 
 
-def test_the_stages_own_error_messages_map_to_the_status_their_cause_deserves(
+def tile_model() -> onnx.ModelProto:
+    """``y = tile(x, [1, 1024])``: a result 1024 times its input, for a frame limit that
+    admits the input and not the result."""
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["x", "repeats"], ["y"], name="tile")],
+        "tile",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4096])],
+        [numpy_helper.from_array(np.array([1, 1024], np.int64), "repeats")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+async def _error_frames_of(
+    shard: Path, frames: Mapping[str, tuple[float, Mapping[str, np.ndarray]]], token: str,
+    dp: types.ModuleType, **stage_config: Any,
+) -> dict[str, Frame]:
+    """Send ``frames`` (id → deadline, tensors) through one real stage; what it sent on.
+    The frame ``header`` is mangled on the way (a dtype no frame carries)."""
+    sink = await dp.Sink(token).start()
+    stage = await start_stage(
+        StageConfig(shard=str(shard), downstream=(sink.url,), token=token, name="s",
+                    **stage_config)
+    )
+    pool = LinkPool([stage.url], token)
+    try:
+        await stage.worker.wait_loaded()
+        await dp.wait_until(lambda: pool.links_up() == 1, "the link to the stage")
+        for frame_id, (deadline, tensors) in frames.items():
+            data = encode_frame_bytes(FrameHeader(frame_id, deadline), tensors)
+            if frame_id == "header":
+                data = data.replace(b'"float32"', b'"float99"')
+            await pool.send(frame_id, [data])
+        await sink.wait_for(len(frames))
+    finally:
+        await pool.close()
+        await stage.stop()
+        await sink.stop()
+    return {frame_id: sink.results[frame_id] for frame_id in frames}
+
+
+def test_each_stage_error_carries_a_category_that_maps_to_the_status_its_cause_deserves(
     tmp_path: Path, token: str, dp: types.ModuleType
 ) -> None:
-    """Drive a real stage into each failure and classify what reaches its downstream, so
-    a change of the stage's wording cannot silently turn a client's 400 into a 500."""
+    """Drive a real stage into each failure it can report and classify what reaches its
+    downstream: the status comes from the category the stage set where it failed."""
+    reshape, tile = tmp_path / "reshape.onnx", tmp_path / "tile.onnx"
+    onnx.save(reshape_model(), reshape)
+    onnx.save(tile_model(), tile)
+    x = np.zeros((2, 4), np.float32)
+    now = time.time()
+    reshaping = {
+        "late": (now - 1, {"x": x, "shape": np.array([4, 2])}),
+        "compute": (now + 60, {"x": x, "shape": np.array([3, 3])}),
+        "tensors": (now + 60, {"x": np.zeros((3, 4), np.float32), "shape": np.array([2, 6])}),
+        "header": (now + 60, {"x": x, "shape": np.array([4, 2])}),
+    }
+    expected = {
+        "late": ("deadline", 504), "compute": ("internal", 500),
+        "tensors": ("invalid_input", 400), "header": ("invalid_input", 400),
+        "huge": ("too_large", 413),
+    }
+
+    async def scenario() -> dict[str, Frame]:
+        results = await _error_frames_of(reshape, reshaping, token, dp)
+        # The input fits in 4 KiB, the stage's result (16 KiB) does not.
+        tiling = {"huge": (now + 60, {"x": np.ones((1, 4), np.float32)})}
+        results |= await _error_frames_of(tile, tiling, token, dp, max_frame_bytes=4096)
+        return results
+
+    results = asyncio.run(scenario())
+    for frame_id, (category, status) in expected.items():
+        header = results[frame_id].header
+        assert header.kind == "error" and header.category == category, header
+        failure = failure_of_error_frame(header.error or "", header.category)
+        assert (failure.status, failure.answered) == (status, True), header.error
+    assert failure_of_error_frame("boom", "a_category_from_the_future").status == 500
+
+
+def test_error_frames_without_a_category_are_classified_by_their_wording(
+    tmp_path: Path, token: str, dp: types.ModuleType
+) -> None:
+    """Stages from before categories (met during a rolling upgrade) wrote only the
+    message; the wording of each of today's messages still earns the same status."""
     shard = tmp_path / "reshape.onnx"
     onnx.save(reshape_model(), shard)
     x = np.zeros((2, 4), np.float32)
     now = time.time()
     frames = {
-        "late": (now - 1, {"x": x, "shape": np.array([4, 2])}, 504),
-        "compute": (now + 60, {"x": x, "shape": np.array([3, 3])}, 500),
-        "tensors": (now + 60, {"x": np.zeros((3, 4), np.float32), "shape": np.array([2, 6])},
-                    400),
-        "header": (now + 60, {"x": x, "shape": np.array([4, 2])}, 400),
+        "late": (now - 1, {"x": x, "shape": np.array([4, 2])}),
+        "compute": (now + 60, {"x": x, "shape": np.array([3, 3])}),
+        "tensors": (now + 60, {"x": np.zeros((3, 4), np.float32), "shape": np.array([2, 6])}),
+        "header": (now + 60, {"x": x, "shape": np.array([4, 2])}),
     }
-
-    async def scenario() -> None:
-        sink = await dp.Sink(token).start()
-        stage = await start_stage(
-            StageConfig(shard=str(shard), downstream=(sink.url,), token=token, name="s")
-        )
-        pool = LinkPool([stage.url], token)
-        try:
-            await stage.worker.wait_loaded()
-            await dp.wait_until(lambda: pool.links_up() == 1, "the link to the stage")
-            for frame_id, (deadline, tensors, _) in frames.items():
-                data = encode_frame_bytes(FrameHeader(frame_id, deadline), tensors)
-                if frame_id == "header":
-                    data = data.replace(b'"float32"', b'"float99"')
-                await pool.send(frame_id, [data])
-            await sink.wait_for(len(frames))
-        finally:
-            await pool.close()
-            await stage.stop()
-            await sink.stop()
-        for frame_id, (_, _, status) in frames.items():
-            result = sink.results[frame_id]
-            assert result.is_error, frame_id
-            failure = failure_of_error_frame(result.header.error or "")
-            assert (failure.status, failure.answered) == (status, True), result.header.error
-
-    asyncio.run(scenario())
+    results = asyncio.run(_error_frames_of(shard, frames, token, dp))
+    for frame_id, frame in results.items():
+        header = frame.header
+        by_wording = failure_of_error_frame(header.error or "")
+        by_category = failure_of_error_frame(header.error or "", header.category)
+        assert by_wording.status == by_category.status, (frame_id, header.error)
     assert failure_of_error_frame("something nobody foresaw").status == 500
 
 
@@ -813,7 +872,7 @@ def test_the_gateway_command_is_part_of_the_cli() -> None:
     assert result.returncode == 0, result.stderr
     for option in (
         "--model-name", "--metadata", "--listen", "--stage0", "--token-file", "--api-key-file",
-        "--max-body-mb", "--timeout-s",
+        "--max-body-mb", "--timeout-s", "--advertise-url",
     ):
         assert option in result.stdout
 
@@ -823,7 +882,9 @@ def test_the_gateway_command_is_part_of_the_cli() -> None:
     [
         ({"--metadata": "missing.json"}, "cannot read model metadata"),
         ({"--listen": "localhost"}, "HOST:PORT"),
-        ({"--stage0": "ftp://somewhere"}, "is not an http(s) URL"),
+        ({"--stage0": "ftp://somewhere"}, "is not an http(s) base URL"),
+        ({"--advertise-url": "ftp://me:8080"}, "--advertise-url must be an http:// or https://"),
+        ({"--advertise-url": "http://me:8080/v1/stream"}, "must be a base URL"),
         ({"--token-file": None}, "needs the pipeline token"),
         ({"--api-key-file": "empty"}, "holds no key"),
     ],

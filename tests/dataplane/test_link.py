@@ -15,10 +15,14 @@ from aiohttp import web
 
 from edgeweave.worker.frames import Frame, FrameHeader, encode_frame, encode_frame_bytes
 from edgeweave.worker.link import (
+    FIELDS_HEADER,
+    SINK_ROLE,
     STREAM_PATH,
     Ack,
     Delivery,
     LinkPool,
+    Peer,
+    ReplyTargets,
     StreamReceiver,
     stream_url,
 )
@@ -28,18 +32,24 @@ from edgeweave.worker.link import (
 class Recorder:
     """A receiver that records frames and acks them at once, or holds the acks."""
 
-    def __init__(self, token: str, *, hold: bool = False) -> None:
+    def __init__(
+        self, token: str, *, hold: bool = False, role: str | None = None, announce: bool = True
+    ) -> None:
         self.token = token
         self.hold = hold
+        self.announce = announce
+        """False: answer like a receiver from before the optional header fields."""
         self.frames: list[Frame] = []
         self.held: list[Ack] = []
-        self.receiver = StreamReceiver(token, self._deliver)
+        self.receiver = StreamReceiver(token, self._deliver, role=role)
         self._runner: web.AppRunner | None = None
         self.url = ""
 
     async def start(self, port: int = 0) -> Recorder:
         app = web.Application()
         app.router.add_post(STREAM_PATH, self.receiver.handle)
+        if not self.announce:
+            app.on_response_prepare.append(_forget_the_fields)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", port).start()
@@ -66,6 +76,10 @@ class Recorder:
             self.held.append(ack)
         else:
             ack.ok()
+
+
+async def _forget_the_fields(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.popall(FIELDS_HEADER, None)
 
 
 def _frame(frame_id: str, size: int = 16, *, deadline: float | None = None) -> list[bytes]:
@@ -339,5 +353,93 @@ def test_lost_framing_closes_only_that_stream(token: str, dp: types.ModuleType) 
         ], "new streams are still accepted"
         await pool.close()
         await receiver.stop()
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------- handshake, replies
+def test_a_pool_learns_what_its_receivers_are_and_which_header_fields_they_read(
+    token: str, dp: types.ModuleType
+) -> None:
+    async def scenario() -> None:
+        sink = await Recorder(token, role=SINK_ROLE).start()
+        old = await Recorder(token, announce=False).start()
+        nobody = f"http://127.0.0.1:{dp.free_port()}"
+        to_sink, to_old, to_nobody = (LinkPool([url], token) for url in (sink.url, old.url,
+                                                                       nobody))
+        try:
+            peer = await to_sink.wait_for_peer(time.time() + 60)
+            assert peer == Peer(SINK_ROLE, frozenset({"reply_to", "category"})) and peer.is_sink
+            peer = await to_old.wait_for_peer(time.time() + 60)
+            assert peer == Peer(None, frozenset()) and not peer.is_sink
+            assert to_nobody.peer() is None
+            assert await to_nobody.wait_for_peer(time.time() + 0.2) is None
+            # Two kinds of replica behind one pool: only the fields both read.
+            to_sink.set_targets([sink.url, old.url])
+            await _connected(to_sink, 2, dp)
+            assert to_sink.peer() == Peer(None, frozenset())
+        finally:
+            for pool in (to_sink, to_old, to_nobody):
+                await pool.close()
+            await sink.stop()
+            await old.stop()
+
+    asyncio.run(scenario())
+
+
+def test_enqueue_never_waits_and_max_wait_bounds_a_frame_with_no_link(
+    token: str, dp: types.ModuleType
+) -> None:
+    async def scenario() -> None:
+        nobody = LinkPool([f"http://127.0.0.1:{dp.free_port()}"], token, max_wait_s=0.3)
+        receiver = await Recorder(token, hold=True).start()
+        full = LinkPool([receiver.url], token, max_outstanding_per_link=1, max_wait_s=60)
+        try:
+            # No deadline at all: max_wait_s alone ends the wait.
+            delivery = await asyncio.wait_for(nobody.enqueue("lost", _frame("lost")), 30)
+            assert delivery.dropped and not delivery.ok
+            assert "gave up after waiting 0.3 s with no live downstream link" in delivery.error
+            assert nobody.outstanding() == 0
+
+            await _connected(full, 1, dp)
+            first, second = full.enqueue("a", _frame("a")), full.enqueue("b", _frame("b"))
+            await dp.wait_until(lambda: receiver.ids() == ["a"], "the first frame")
+            assert full.outstanding() == 2 and not second.done()
+            receiver.release()
+            await dp.wait_until(lambda: receiver.ids() == ["a", "b"], "the second frame")
+            receiver.release()
+            assert (await first).ok and (await second).ok
+        finally:
+            await nobody.close()
+            await full.close()
+            await receiver.stop()
+
+    asyncio.run(scenario())
+
+
+def test_reply_targets_hold_one_pool_per_replica_up_to_a_cap_and_close_idle_ones(
+    token: str, dp: types.ModuleType
+) -> None:
+    async def scenario() -> None:
+        gateways = [await Recorder(token, role=SINK_ROLE).start() for _ in range(3)]
+        replies = ReplyTargets(token, max_targets=2, idle_s=0.4)
+        try:
+            first = replies.pool_for(gateways[0].url)
+            assert first is not None and replies.pool_for(gateways[0].url) is first
+            second = replies.pool_for(gateways[1].url)
+            assert second is not None and second is not first
+            assert replies.pool_for(gateways[2].url) is None  # at the cap
+            for index, pool in enumerate((first, second)):
+                assert (await pool.enqueue(f"r{index}", _frame(f"r{index}"))).ok
+            assert [g.ids() for g in gateways] == [["r0"], ["r1"], []]
+            await dp.wait_until(lambda: replies.targets == [], "idle reply pools to close")
+            third = replies.pool_for(gateways[2].url)
+            assert third is not None and replies.targets == [gateways[2].url]
+            assert (await third.enqueue("r2", _frame("r2"))).ok
+            assert gateways[2].ids() == ["r2"]
+        finally:
+            await replies.close()
+            for gateway in gateways:
+                await gateway.stop()
 
     asyncio.run(scenario())

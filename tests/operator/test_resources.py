@@ -159,6 +159,26 @@ def test_the_gateway_sends_to_stage_zero_and_mounts_the_api_key() -> None:
     assert r.gateway_url(REF, 9090, CONFIG) == "http://vision-gateway.edge.svc.cluster.local:9090"
 
 
+def test_each_gateway_pod_advertises_its_own_address_for_results() -> None:
+    """With several replicas behind the Service, the last stage must reach the one that
+    holds a request: each pod names itself, by the pod IP the downward API gives it."""
+    from edgeweave.cli.gateway import bracketed_ipv6
+    from edgeweave.sandbox.runner import expand
+    from edgeweave.worker.frames import reply_to_problem
+
+    plan = rollout(spec(gateway={"replicas": 3}))
+    container = r.gateway_deployment(plan, plan.revision)["spec"]["template"]["spec"][
+        "containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    [advertised] = args_of(container, "--advertise-url")
+    assert advertised == f"http://$(POD_IP):{s.GATEWAY_CONTAINER_PORT}"
+    for pod_ip, url in (("10.42.0.7", "http://10.42.0.7"), ("fd00::7", "http://[fd00::7]")):
+        expanded = bracketed_ipv6(expand(advertised, {"POD_IP": pod_ip}))
+        assert expanded == f"{url}:{s.GATEWAY_CONTAINER_PORT}"
+        assert reply_to_problem(expanded) is None
+
+
 def test_readiness_and_failures_are_read_from_the_kubelet() -> None:
     assert r.pod_ready({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     assert not r.pod_ready({"status": {"phase": "Running"}})
