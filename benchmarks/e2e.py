@@ -46,12 +46,15 @@ operator's cache, while the machine is quiet, so the operator reads them rather 
 timing the model beside running stages; after the plan it checks which pricing the
 operator's predictions follow and says so.
 
-**Per-frame CPU.** Each replica's CPU time per frame (the processes in its node's
-cgroup) is set beside its compute alone at full speed (the planner's time x the
-node's quota); the difference is the stage's frame handling (receive, decode, encode,
-send), which runs inside the same quota but which the cost model does not price.
+**Per-frame CPU.** Each replica's CPU time per frame is read per thread from
+``/proc`` for the processes in its node's cgroup: the busiest thread is onnxruntime's
+(one intra-op thread: the caller's), set beside the planner's compute time at one full
+core (its time x the node's quota), which checks the layer pricing alone; the other
+threads' CPU is the stage's frame handling (receive, decode, encode, send), which
+runs inside the same quota but which the cost model does not price.
 ``--frame-overhead`` measures that handling in isolation instead: a real stage worker,
-unthrottled, fed frames of several sizes, its process CPU minus its own compute time.
+unthrottled, on loopback, fed frames of several sizes, its process CPU minus the
+shard's own compute time.
 
 **Noise.** The machine is shared; other work only ever lowers a figure, so
 throughput is measured in ``--windows`` windows and the best is reported beside the
@@ -395,34 +398,46 @@ def stage_counters(sandbox: Any, name: str) -> dict[tuple[int, str], dict[str, f
                 if line.startswith(metric):
                     totals[metric] = totals.get(metric, 0.0) + float(line.rsplit(" ", 1)[1])
         stage = int(pod["metadata"]["labels"]["edgeweave.io/stage"])
-        cpu = node_cpu_seconds(sandbox, pod["spec"]["nodeName"])
-        if cpu is not None:
-            totals["cpu_seconds"] = cpu
+        for tid, cpu in node_thread_cpu_seconds(sandbox, pod["spec"]["nodeName"]).items():
+            totals[f"cpu_seconds/{tid}"] = cpu
         found[(stage, pod["spec"]["nodeName"])] = totals
     return found
 
 
-def node_cpu_seconds(sandbox: Any, node: str) -> float | None:
-    """CPU seconds (user + system, all threads) of the processes in an emulated node's cgroup.
+def node_thread_cpu_seconds(sandbox: Any, node: str) -> dict[str, float]:
+    """CPU seconds (user + system) of every thread of the processes in a node's cgroup.
 
-    Each compute node runs one stage pod, so this is that replica's whole cost:
-    onnxruntime and the frame handling around it.
+    Each compute node runs one stage pod, so together they are that replica's whole
+    cost; its busiest thread is the one onnxruntime computes on (one intra-op thread,
+    the caller's), the rest receive, decode, encode and send frames.
     """
     if sandbox.emulator is None:
-        return None
+        return {}
     try:
         pids = (sandbox.emulator.node(node).cgroup / "cgroup.procs").read_text().split()
     except (OSError, LookupError, ValueError):
-        return None
+        return {}
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    found = {}
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            tids = [entry.name for entry in Path(f"/proc/{pid}/task").iterdir()]
         except OSError:
             continue  # exited meanwhile
-        total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+        for tid in tids:
+            try:
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            found[f"{pid}/{tid}"] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
+def _thread_cpu_deltas(start: dict[str, float], end: dict[str, float]) -> list[float]:
+    prefix = "cpu_seconds/"
+    return [value - start.get(key, 0.0) for key, value in end.items()
+            if key.startswith(prefix) and key in start]
 
 
 def replica_figures(status: dict[str, Any], before: dict[tuple[int, str], dict[str, float]],
@@ -439,16 +454,21 @@ def replica_figures(status: dict[str, Any], before: dict[tuple[int, str], dict[s
                 "edgeweave_compute_seconds_sum", 0)
             busy = end.get("edgeweave_busy_seconds_total", 0) - start.get(
                 "edgeweave_busy_seconds_total", 0)
-            cpu = (end.get("cpu_seconds", math.nan) - start.get("cpu_seconds", math.nan))
+            threads = _thread_cpu_deltas(start, end)
+            cpu = sum(threads) if threads else math.nan
+            compute_cpu = max(threads) if threads else math.nan
             predicted = (stage.get("computeSeconds") or [None] * len(stage["nodes"]))[position]
             full_core = (None if predicted is None
                          else predicted * 1e3 * NODE_QUOTA.get(node, math.nan))
             cpu_ms = cpu / frames * 1e3 if frames and math.isfinite(cpu) else None
+            compute_ms = (compute_cpu / frames * 1e3
+                          if frames and math.isfinite(compute_cpu) else None)
             rows.append({"stage": index, "node": node, "frames": int(frames),
                          "predicted_ms": None if predicted is None else predicted * 1e3,
                          "measured_ms": spent / frames * 1e3 if frames else None,
                          "busy_fraction": busy / seconds if seconds > 0 else None,
-                         "cpu_ms": cpu_ms, "predicted_full_core_ms": full_core,
+                         "cpu_ms": cpu_ms, "compute_thread_cpu_ms": compute_ms,
+                         "predicted_full_core_ms": full_core,
                          "in_bytes": stage.get("inBytes"), "out_bytes": stage.get("outBytes")})
     return rows
 
@@ -547,7 +567,8 @@ def plot_churn(figures: dict[str, Any], model: str, path: Path) -> None:
 
 # --------------------------------------------------------------------------- frame handling
 
-OVERHEAD_TOKEN = "e2e-frame-overhead"
+OVERHEAD_TOKEN = "benchmark-token"
+"""The token ``benchmarks/dataplane.py --serve-sink`` (the sink behind the stage) expects."""
 OVERHEAD_WINDOW = 8
 
 
@@ -562,7 +583,9 @@ class OverheadRow:
     cpu_ms: float
     """The stage process's CPU time per frame (every thread)."""
     compute_ms: float
-    """Its onnxruntime time per frame (``edgeweave_compute_seconds``)."""
+    """The shard's own CPU time per frame: onnxruntime on the same tensor in this process,
+    timed by the thread's CPU clock. (The worker's ``edgeweave_compute_seconds`` is wall
+    time, which includes waiting for the GIL while the event loop receives frames.)"""
 
     @property
     def handling_ms(self) -> float:
@@ -593,14 +616,15 @@ async def measure_frame_overhead(seconds: float) -> list[OverheadRow]:
         children.append(sink[0])
         rows = []
         for shard, out in (("identity", None), ("head", OVERHEAD_SMALL_OUT)):
+            path = _overhead_shard(folder, out)
             stage, url = _spawn([
-                "-m", "edgeweave", "worker", "--shard", str(_overhead_shard(folder, out)),
+                "-m", "edgeweave", "worker", "--shard", str(path),
                 "--listen", "127.0.0.1:0", "--downstream", sink[1], "--token-file",
                 str(folder / "token"), "--threads", "1", "--name", shard,
                 "--max-outstanding", str(OVERHEAD_WINDOW), "--log-level", "warning"])
             children.append(stage)
             for size in OVERHEAD_IN_SIZES:
-                rows.append(await _overhead_row(stage.pid, url, shard, size,
+                rows.append(await _overhead_row(stage.pid, url, path, shard, size,
                                                 out or size, seconds))
         return rows
     finally:
@@ -610,8 +634,8 @@ async def measure_frame_overhead(seconds: float) -> list[OverheadRow]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-async def _overhead_row(pid: int, url: str, shard: str, in_bytes: int, out_bytes: int,
-                        seconds: float) -> OverheadRow:
+async def _overhead_row(pid: int, url: str, path: Path, shard: str, in_bytes: int,
+                        out_bytes: int, seconds: float) -> OverheadRow:
     import numpy as np
 
     from edgeweave.worker.frames import FrameHeader, encode_frame
@@ -629,7 +653,7 @@ async def _overhead_row(pid: int, url: str, shard: str, in_bytes: int, out_bytes
             frame_id = f"{tag}-{i}"
             buffers = encode_frame(FrameHeader(frame_id), {"x": tensor})
             futures.append(await pool.send(frame_id, buffers))
-        results = await asyncio.gather(*futures)
+        results = await asyncio.wait_for(asyncio.gather(*futures), timeout=120)
         failed = [r for r in results if not r.ok]
         if failed:
             raise RuntimeError(f"{len(failed)} frames failed through {shard}: {failed[0]}")
@@ -638,13 +662,12 @@ async def _overhead_row(pid: int, url: str, shard: str, in_bytes: int, out_bytes
     probe = 4 * OVERHEAD_WINDOW
     per_frame = await stream(probe, f"warm{in_bytes}") / probe
     count = max(4 * OVERHEAD_WINDOW, int(seconds / per_frame))
-    cpu_before, compute_before = _process_cpu_s(pid), _compute_s(url)
+    cpu_before = _process_cpu_s(pid)
     await stream(count, f"run{in_bytes}")
     cpu = _process_cpu_s(pid) - cpu_before
-    compute = _compute_s(url) - compute_before
     await pool.close()
     row = OverheadRow(shard, in_bytes, out_bytes, count, cpu / count * 1e3,
-                      compute / count * 1e3)
+                      _compute_cpu_ms(path, tensor))
     print(f"  {shard}: in {in_bytes / 2**10:6.0f} KiB, out {out_bytes / 2**10:6.0f} KiB, "
           f"{count} frames: CPU {row.cpu_ms:.3f} ms/frame, compute {row.compute_ms:.3f}, "
           f"handling {row.handling_ms:.3f}", flush=True)
@@ -695,13 +718,19 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _compute_s(url: str) -> float:
-    import urllib.request
+def _compute_cpu_ms(path: Path, tensor: Any, seconds: float = 0.5) -> float:
+    """CPU ms of one run of the shard on ``tensor``, with the stage's session options."""
+    from edgeweave.worker.stage import ShardRunner
 
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("edgeweave_compute_seconds_sum"))
+    runner = ShardRunner(path.read_bytes(), threads=1)
+    for _ in range(3):
+        runner.run({"x": tensor})
+    runs, started = 0, time.thread_time()
+    deadline = time.perf_counter() + seconds
+    while runs < 10 or time.perf_counter() < deadline:
+        runner.run({"x": tensor})
+        runs += 1
+    return (time.thread_time() - started) / runs * 1e3
 
 
 def fit_overhead(rows: list[OverheadRow]) -> dict[str, float]:
@@ -727,11 +756,11 @@ def write_overhead_markdown(path: Path, rows: list[OverheadRow], fit: dict[str, 
         "a sink process on loopback, window "
         f"{OVERHEAD_WINDOW}; {os.cpu_count()} CPUs, load average {load:.2f} at the end.",
         "",
-        "CPU = the worker process's CPU time per frame (all threads); compute = its own "
-        "`edgeweave_compute_seconds` per frame (onnxruntime: a copy for Identity, a 4 KiB "
-        "slice for head); handling = CPU - compute: receiving, decoding, queueing, encoding "
-        "and sending the frame, which a stage pays inside its CPU quota and the cost model "
-        "does not price.",
+        "CPU = the worker process's CPU time per frame (all threads); compute = the shard "
+        "alone on the same tensor, CPU time per run (onnxruntime: a copy for Identity, a "
+        "4 KiB slice for head); handling = CPU - compute: receiving, decoding, queueing, "
+        "encoding and sending the frame, which a stage pays inside its CPU quota and the "
+        "cost model does not price.",
         "",
         "| shard | in KiB | out KiB | frames | CPU ms/frame | compute ms/frame | "
         "handling ms/frame |",
@@ -791,22 +820,26 @@ def write_markdown(path: Path, rows: list[ThroughputRow], churned: dict[str, Any
                           "model's average."]
         lines += ["", f"{row.model}, per stage replica in the last window (compute per frame "
                       "as the planner priced it and as the stage measured it, wall clock under "
-                      "its CPU quota; busy = share of the window spent computing; CPU = the "
-                      "node's processes' CPU time per frame; compute at 1 core = predicted x "
-                      "quota; handling = CPU - compute at 1 core):", "",
+                      "its CPU quota; busy = share of the window spent computing. CPU columns, "
+                      "per frame: all = every thread of the node's processes; compute = the "
+                      "busiest thread (onnxruntime's); priced = the planner's compute time x the "
+                      "node's quota, i.e. at one full core; handling = all - compute):", "",
                   "| stage | node | in KiB | out KiB | frames | predicted ms | measured ms | "
-                  "measured/predicted | busy | CPU ms | compute at 1 core ms | handling ms |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "measured/predicted | busy | CPU all ms | CPU compute ms | priced at 1 core "
+                  "ms | compute/priced | handling ms |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for replica in row.replicas:
             predicted, measured = replica["predicted_ms"], replica["measured_ms"]
             ratio = f"{measured / predicted:.2f}" if predicted and measured else "n/a"
             cpu, full = replica.get("cpu_ms"), replica.get("predicted_full_core_ms")
-            handling = cpu - full if cpu is not None and full is not None else None
+            compute = replica.get("compute_thread_cpu_ms")
+            handling = cpu - compute if cpu is not None and compute is not None else None
+            accuracy = f"{compute / full:.2f}" if compute and full else "n/a"
             lines.append(f"| {replica['stage']} | {replica['node']} | "
                          f"{_kib(replica.get('in_bytes'))} | {_kib(replica.get('out_bytes'))} | "
                          f"{replica['frames']} | {_fmt(predicted)} | {_fmt(measured)} | "
                          f"{ratio} | {_fmt(replica['busy_fraction'])} | {_fmt(cpu)} | "
-                         f"{_fmt(full)} | {_fmt(handling)} |")
+                         f"{_fmt(compute)} | {_fmt(full)} | {accuracy} | {_fmt(handling)} |")
     if churned is not None:
         lines += [
             "",
@@ -826,11 +859,14 @@ def write_markdown(path: Path, rows: list[ThroughputRow], churned: dict[str, Any
         "",
         "Reading the per-replica tables: on a saturated replica (busy ≈ 1) the measured time "
         "per frame is what its CPU quota allows, so measured/predicted is the cost model's "
-        "error for that stage (one GFLOPS figure per node prices every layer alike; the "
-        "stage's own frame I/O also runs inside its quota). On a replica with idle time the "
-        "kernel lets each frame run at full core speed between quota periods, so its ratio "
-        "falls below 1 without meaning anything about the model. The pipeline's throughput is "
-        "set by the saturated replicas.",
+        "error for that stage. On a replica with idle time the kernel lets each frame run at "
+        "full core speed between quota periods, so its ratio falls below 1 without meaning "
+        "anything about the model. The pipeline's throughput is set by the saturated "
+        "replicas. The CPU columns split the error: compute/priced is the layer pricing's "
+        "own (FLOPs alone price every layer at the model's average speed; measured layer "
+        "costs correct that), and the same factor above 1 on every replica means the machine "
+        "ran slower than when it was calibrated; handling is CPU the cost model does not "
+        "price at all.",
         "",
         "Targets: measured ≥ 85 % of predicted; recovery < 15 s; 0 failed requests.",
         "The machine is shared: figures only ever drop under neighbours' load."]

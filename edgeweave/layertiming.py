@@ -161,17 +161,6 @@ Kernel = tuple[str, float]
 """A kernel's name as the profiler writes it (without ``_kernel_time``) and its seconds."""
 
 
-def session_options(ort: Any, threads: int) -> Any:
-    """A stage worker's session options (``ShardRunner``), so kernels and fusions match."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
 def _profiled_runs(
     model: onnx.ModelProto,
     feed: Mapping[str, np.ndarray],
@@ -190,6 +179,8 @@ def _profiled_runs(
             "timing layers needs onnxruntime: pip install 'edgeweave[worker]'"
         ) from None
     with tempfile.TemporaryDirectory(prefix="edgeweave-layertiming-") as folder:
+        from edgeweave.worker.stage import session_options  # the stage's own settings
+
         options = session_options(ort, threads)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / "profile")

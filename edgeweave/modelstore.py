@@ -53,6 +53,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from edgeweave import zoo
 from edgeweave.errors import EdgeweaveError
+from edgeweave.partition.calibrate import LayerCosts
 
 if TYPE_CHECKING:
     import onnx
@@ -69,7 +70,7 @@ SINGLE_FILE_LIMIT = 2**31 - 2**24
 """Protobuf cannot serialize 2 GiB; larger zoo models keep their weights beside the file."""
 PROFILE_CACHE_SIZE = 4
 """Profiled models kept in memory; each holds its weights, so keep few."""
-LAYER_COSTS = ("flops", "measured")
+LAYER_COSTS = tuple(costs.value for costs in LayerCosts)
 """How :meth:`ModelStore.profile` prices layers: by FLOP count, or by FLOPs
 redistributed by measured time (see the module's docstring)."""
 TIMING_THREADS = 1

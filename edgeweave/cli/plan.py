@@ -28,6 +28,7 @@ from edgeweave.cli.output import (
     human_seconds,
 )
 from edgeweave.errors import EdgeweaveError
+from edgeweave.partition.calibrate import LayerCosts
 from edgeweave.partition.costmodel import ModelProfile, Node, Plan
 from edgeweave.partition.nodes import Inventory, load_inventory
 
@@ -142,6 +143,12 @@ def plan_command(
         help="Samples per request for MODEL (scales FLOPs and tensor sizes). A measured "
         "profile is fixed to the batch it was timed with.",
     ),
+    layer_costs: LayerCosts = typer.Option(
+        LayerCosts.flops, "--layer-costs",
+        help="flops: price layers by FLOP count (weights not needed). measured: by each "
+        "layer's share of the model's time in onnxruntime on this machine (builds the model "
+        "with weights, times it once, caches the result), what `run` and the operator use.",
+    ),
     compare: bool = typer.Option(
         False, "--compare",
         help="Also show the baselines' periods: equal layers, exo's memory-proportional "
@@ -149,9 +156,9 @@ def plan_command(
     ),
 ) -> None:
     """Plan MODEL (or --profile) on the nodes of --nodes; see the help text above."""
-    _check_usage(model, profile, batch, target_period)
+    _check_usage(model, profile, batch, target_period, layer_costs)
     inventory = load_inventory(nodes)
-    model_profile = _load_model(model, profile, batch)
+    model_profile = _load_model(model, profile, batch, layer_costs)
 
     from edgeweave.partition.measured import check_profile_covers
 
@@ -181,6 +188,7 @@ def _check_usage(
     profile: Path | None,
     batch: int,
     target_period: float | None,
+    layer_costs: LayerCosts = LayerCosts.flops,
 ) -> None:
     if (model is None) == (profile is None):
         raise PlanUsageError(
@@ -191,15 +199,27 @@ def _check_usage(
         raise PlanUsageError(
             "--batch applies to MODEL; a measured --profile is timed at its own batch size"
         )
+    if profile is not None and layer_costs is LayerCosts.measured:
+        raise PlanUsageError(
+            "--layer-costs measured applies to MODEL; a --profile already holds measured times"
+        )
     if target_period is not None and target_period <= 0:
         raise PlanUsageError("--target-period must be a positive number of seconds")
 
 
-def _load_model(model: str | None, profile: Path | None, batch: int) -> ModelProfile:
+def _load_model(model: str | None, profile: Path | None, batch: int,
+                layer_costs: LayerCosts = LayerCosts.flops) -> ModelProfile:
     if profile is not None:
         from edgeweave.partition.measured import load_profile_yaml
 
         return load_profile_yaml(profile)
+    if layer_costs is LayerCosts.measured:
+        from edgeweave.local.run import default_cache_dir
+        from edgeweave.modelstore import ModelStore, model_uri
+
+        store = ModelStore(default_cache_dir())
+        stored = store.resolve(model_uri(str(model)))
+        return store.profile(stored, batch=batch, layer_costs=layer_costs).profile
     from edgeweave.partition.source import load_model_profile
 
     loaded = load_model_profile(str(model), batch=batch)

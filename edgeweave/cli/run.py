@@ -29,6 +29,7 @@ from edgeweave.local.run import (
     read_manifests,
     stop_on_signals,
 )
+from edgeweave.partition.calibrate import LayerCosts
 
 SMOKE_CONCURRENCY = 4
 
@@ -108,13 +109,18 @@ def run_command(
         help="table for people; json/yaml (endpoint, plan, processes; with --smoke also the "
         "bench result) for scripts.",
     ),
+    layer_costs: LayerCosts = typer.Option(
+        LayerCosts.measured, "--layer-costs",
+        help="measured: price layers by their time in onnxruntime on this machine (timed "
+        "once per model, cached); flops: by FLOP count.",
+    ),
 ) -> None:
     """Serve a pipeline locally; see the help text above."""
     manifests = read_manifests(files)
     if smoke is not None and port is None:
         port = free_port()  # nobody else needs the endpoint: never collide with a server
     options = RunOptions(port=port, emulate=emulate, run_dir=run_dir, cache_dir=cache_dir,
-                         startup_timeout_s=startup_timeout)
+                         startup_timeout_s=startup_timeout, layer_costs=layer_costs)
     stop = threading.Event()
     smoke_run = SmokeRun(smoke) if smoke is not None else None
     display = StatusDisplay()

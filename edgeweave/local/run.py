@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.local.parent import PARENT_PID_ENV
+from edgeweave.partition.calibrate import LayerCosts
 
 if TYPE_CHECKING:
     from edgeweave.api.v1alpha1 import InferencePipeline
@@ -316,6 +317,8 @@ class RunOptions:
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     python: str = sys.executable
     log_level: str = "info"
+    layer_costs: LayerCosts = LayerCosts.measured
+    """Price layers by their measured time on this machine, where the stages will run."""
 
 
 @dataclass
@@ -413,7 +416,8 @@ class LocalPipeline:
         announce(f"resolving {spec.model.uri}")
         stored = self._store.resolve(spec.model.uri, spec.model.sha256)
         announce(f"profiling {stored.name}")
-        profiled = self._store.profile(stored, batch=spec.model.batch, inputs=spec.model.inputs)
+        profiled = self._store.profile(stored, batch=spec.model.batch, inputs=spec.model.inputs,
+                                       layer_costs=self.options.layer_costs)
         announce(f"planning on {len(self.manifests.inventory.nodes)} nodes")
         plan = plan_pipeline(profiled, self.manifests.inventory.nodes, spec)
         announce(f"splitting into {len(plan.stages)} shards")

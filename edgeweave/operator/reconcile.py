@@ -207,7 +207,8 @@ class Runtime:
     async def _prepare(self, spec: InferencePipelineSpec) -> Prepared:
         model = await self.call(self.store.resolve, spec.model.uri, spec.model.sha256)
         profiled = await self.call(
-            self.store.profile, model, batch=spec.model.batch, inputs=spec.model.inputs
+            self.store.profile, model, batch=spec.model.batch, inputs=spec.model.inputs,
+            layer_costs=self.config.layer_costs,
         )
         return Prepared(model, profiled)
 

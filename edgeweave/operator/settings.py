@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeweave import __version__
+from edgeweave.errors import EdgeweaveError
+from edgeweave.partition.calibrate import LayerCosts
 
 if TYPE_CHECKING:
     import kopf
@@ -108,6 +110,9 @@ class OperatorConfig:
     download_timeout_s: float = 60.0
     cluster_domain: str = "cluster.local"
     route_push_grace_s: float = ROUTE_PUSH_GRACE_S
+    layer_costs: LayerCosts = LayerCosts.measured
+    """How layers are priced: ``measured`` (each layer's share of the model's time in
+    onnxruntime on the operator's CPU, measured once per model and cached) or ``flops``."""
     gateway_service_type: str = "ClusterIP"
     """``LoadBalancer`` where one exists (K3s ServiceLB, MetalLB, the sandbox): then
     ``status.endpoint`` is the load balancer's address."""
@@ -136,6 +141,7 @@ class OperatorConfig:
             cluster_domain=env.get("EDGEWEAVE_CLUSTER_DOMAIN", "cluster.local"),
             route_push_grace_s=float(env.get("EDGEWEAVE_ROUTE_PUSH_GRACE_SECONDS",
                                              ROUTE_PUSH_GRACE_S)),
+            layer_costs=_layer_costs(env.get("EDGEWEAVE_LAYER_COSTS", LayerCosts.measured)),
             gateway_service_type=env.get("EDGEWEAVE_GATEWAY_SERVICE_TYPE", "ClusterIP"),
         )
 
@@ -155,3 +161,13 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = WATCH_CLIENT_TIMEOUT_S
     settings.watching.connect_timeout = WATCH_CONNECT_TIMEOUT_S
     settings.background.cancellation_polling = 1.0
+
+
+def _layer_costs(value: str) -> LayerCosts:
+    try:
+        return LayerCosts(value)
+    except ValueError:
+        raise EdgeweaveError(
+            f"EDGEWEAVE_LAYER_COSTS={value!r}: use one of "
+            f"{', '.join(costs.value for costs in LayerCosts)}"
+        ) from None

@@ -22,10 +22,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from enum import StrEnum
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.partition.costmodel import ModelProfile
 
+
+class LayerCosts(StrEnum):
+    """How layers are priced: by FLOP count, or by FLOPs redistributed by each layer's
+    measured time (:func:`calibrate_flops`; the model's total FLOPs unchanged)."""
+
+    flops = "flops"
+    measured = "measured"
 
 class CalibrationError(EdgeweaveError, ValueError):
     """Measured layer times that do not fit the profile they are meant to calibrate."""

@@ -182,18 +182,26 @@ class TensorRule:
         return np.zeros([1 if d is None else d for d in self.dims], dtype=DTYPES[self.dtype])
 
 
+def session_options(ort: Any, threads: int) -> Any:
+    """How every shard runs: ``threads`` kernel threads (the node's CPU share), one
+    operator at a time, no spinning (a spinning thread burns the CPU quota it waits in).
+    Layer timing uses the same options, so its kernels and fusions are the stage's."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class ShardRunner:
     """An onnxruntime session over one shard, and the rules its inputs must meet."""
 
     def __init__(self, model: bytes, *, threads: int = 1, label: str = "shard") -> None:
         import onnxruntime as ort  # the worker extra; the planner never imports it
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(ort, threads)
         try:
             self.session = ort.InferenceSession(
                 model, options, providers=["CPUExecutionProvider"]

@@ -81,6 +81,7 @@ EVERYTHING: dict[str, Any] = {
         "resyncSeconds": 10,
         "clusterDomain": "edge.local",
         "gatewayServiceType": "LoadBalancer",
+        "layerCosts": "flops",
         "resources": {"requests": {"cpu": "250m", "memory": "1Gi"},
                       "limits": {"cpu": "4", "memory": "6Gi"}},
         "cache": {"sizeLimit": "20Gi", "existingClaim": "edgeweave-cache"},
@@ -324,6 +325,7 @@ def test_operator_settings_come_out_as_the_chart_means(values: dict[str, Any]) -
     assert config.cluster_domain == domain
     assert config.gateway_service_type == (values.get("operator") or {}).get(
         "gatewayServiceType", "ClusterIP")
+    assert config.layer_costs == (values.get("operator") or {}).get("layerCosts", "measured")
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert str(config.cache_dir) in mounts, "the cache is a volume, not the read-only root"
 

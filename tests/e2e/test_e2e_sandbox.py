@@ -36,6 +36,7 @@ from e2e_helpers import (
     wait_for,
 )
 
+from edgeweave.sandbox.waiting import WaitTimeout
 from edgeweave.worker.protocol import decode_infer_response, encode_infer_request
 
 pytest.importorskip("kopf")
@@ -192,7 +193,14 @@ def test_deleting_the_pipeline_stops_every_process_and_removes_every_object(
     kubectl_delete_pipeline(cluster.kubeconfig, PIPELINE)
     wait_for("the pipeline to go", lambda: cluster.pipeline() is None)
     for version, kind in OWNED_KINDS:
-        wait_for(f"{kind}s to go", lambda v=version, k=kind: not cluster.owned(v, k))
+        try:
+            wait_for(f"{kind}s to go", lambda v=version, k=kind: not cluster.owned(v, k))
+        except WaitTimeout:
+            left = [(o["metadata"]["name"], o["metadata"].get("deletionTimestamp"),
+                     o["metadata"].get("finalizers"), o.get("status"))
+                    for o in cluster.owned(version, kind)]
+            raise AssertionError(f"{kind}s left after the pipeline was deleted: {left}"
+                                 ) from None
     wait_for("every pod process to exit", lambda: not any(process_alive(p) for p in pids))
     assert cluster.sandbox.pod_pids() == []
     wait_for("the Services to be unpublished",

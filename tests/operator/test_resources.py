@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from edgeweave.api.v1alpha1 import InferencePipelineSpec
+from edgeweave.errors import EdgeweaveError
 from edgeweave.modelstore import (
     ChecksumMismatchError,
     ModelInputError,
@@ -414,3 +415,10 @@ def test_shards_are_served_only_with_the_pipelines_token(store: ModelStore) -> N
 
 def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def test_layer_costs_come_from_the_environment_and_a_typo_is_named() -> None:
+    assert s.OperatorConfig.from_env({}).layer_costs == "measured"
+    assert s.OperatorConfig.from_env({"EDGEWEAVE_LAYER_COSTS": "flops"}).layer_costs == "flops"
+    with pytest.raises(EdgeweaveError, match=r"EDGEWEAVE_LAYER_COSTS='flop'.*measured"):
+        s.OperatorConfig.from_env({"EDGEWEAVE_LAYER_COSTS": "flop"})

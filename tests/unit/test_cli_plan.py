@@ -144,6 +144,30 @@ def test_zoo_model_on_the_pi_example(cli) -> None:
     assert "pi4-4g-3" not in used  # NotReady in the example
 
 
+def test_measured_layer_costs_price_the_same_model_by_its_timed_layers(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEWEAVE_CACHE_DIR", str(tmp_path / "cache"))
+    args = ("plan", "zoo:mobilenet_v2", "--nodes", "examples/nodes-pi4-mixed.yaml", "-o", "json",
+            "--no-replicas")
+    code, by_flops, err = cli(*args)
+    assert code == 0, err
+    code, by_time, err = cli(*args, "--layer-costs", "measured")
+    assert code == 0, err
+    flops_plan, timed_plan = json.loads(by_flops), json.loads(by_time)
+    # The same work, priced per layer by its timed share: the cuts move.
+    assert ([s["layers"] for s in timed_plan["stages"]]
+            != [s["layers"] for s in flops_plan["stages"]])
+    assert list((tmp_path / "cache" / "timings").glob("*.json")), "timed once, then cached"
+
+
+def test_measured_layer_costs_do_not_apply_to_a_measured_profile(cli) -> None:
+    _expect_one_line_error(
+        cli("plan", "--profile", VIT_BASE, "--nodes", PIPEEDGE_NODES, "--layer-costs",
+            "measured"),
+        "--layer-costs measured applies to MODEL")
+
+
 # ------------------------------------------------------------------ errors
 
 
