@@ -725,6 +725,12 @@ class EmulatedKubernetes(kmock.KubernetesScaffold):
     def _after_create(self, rtype: ResourceType, obj: dict[str, Any]) -> None:
         if rtype.key == ("apiextensions.k8s.io", "v1", "customresourcedefinitions"):
             self._serve_crd(obj)
+        # A controller acting on a stale cache may create a dependent of an owner that is
+        # already gone; the real garbage collector removes such dangling dependents too.
+        for ref in _meta(obj).get("ownerReferences") or []:
+            owner_uid = ref.get("uid")
+            if owner_uid and owner_uid not in self._uids:
+                self._soon(lambda uid=owner_uid: self._collect_garbage(uid))
 
     def _serve_crd(self, crd: dict[str, Any]) -> None:
         """Register the CRD's resources and report it Established, as the CRD controller does."""

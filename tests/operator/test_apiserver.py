@@ -523,6 +523,18 @@ def test_owner_deletion_collects_dependents_recursively(
     assert pod_names(core) == ["unrelated"]
 
 
+def test_a_dependent_created_after_its_owner_was_deleted_is_collected(
+    core: CoreV1Api, custom: CustomObjectsApi, pipeline_crd: dict[str, Any]
+) -> None:
+    """A controller acting on a stale cache creates a pod for a Deployment already gone."""
+    owner = create_pipeline(custom, pipeline("gone"))
+    custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "gone")
+    wait_until(lambda: not exists(get_pipeline, custom, "gone"), what="owner gone")
+    core.create_namespaced_pod(NS, make_pod("late", owners=[owner_ref(owner)]))
+    wait_until(lambda: not exists(core.read_namespaced_pod, "late", NS),
+               what="the late dependent collected")
+
+
 def test_a_dependent_with_another_live_owner_survives(
     core: CoreV1Api, custom: CustomObjectsApi, pipeline_crd: dict[str, Any]
 ) -> None:
