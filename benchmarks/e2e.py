@@ -31,12 +31,16 @@ stage's share. The quotas sum to 1.25 cores of this 2-core machine, leaving room
 for the gateway, the client and the sandbox.
 
 **Calibration.** A node's ``edgeweave.io/gflops`` label must be what its CPU share
-of *this* machine delivers: the script first measures effective GFLOPS on one core
-with :func:`edgeweave.nodeprofile.measure_gflops` (the model in onnxruntime with the
-stage worker's session settings, one thread: the model's FLOPs over the median time),
-for each model on that model (as ``edgeweave profile-node --model`` would), and
-labels each node ``quota x per-core GFLOPS``. Each node has ``allocatable.cpu`` ≤ 1,
-so every stage runs one onnxruntime thread, held to its quota by the node's cgroup.
+of *this* machine delivers, measured as on a real cluster: on the node. For each model
+the script measures effective GFLOPS with :func:`edgeweave.nodeprofile.measure_gflops`
+(the model in onnxruntime with the stage worker's session settings, one thread: the
+model's FLOPs over the median time, as ``edgeweave profile-node --model`` would) once
+on a free core of the host (reported as GFLOPS/core), and once inside each emulated
+node's CPU quota, all nodes at once; the latter are the labels. A quota delivers less
+than its share of a free core (a throttled thread returns to cold caches), so
+``quota x per-core GFLOPS`` would over-promise every node alike. Without emulation the
+labels are ``quota x per-core GFLOPS``. Each node has ``allocatable.cpu`` ≤ 1, so every
+stage runs one onnxruntime thread, held to its quota by the node's cgroup.
 
 **Layer costs.** With ``--layer-costs measured`` (the default) the operator is asked
 (``EDGEWEAVE_LAYER_COSTS``) to price layers by their measured share of the model's
@@ -77,6 +81,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,8 +127,12 @@ def node_object(name: str, cpu: float, mbps: float, gflops: float | None,
             "status": {"allocatable": {"cpu": f"{cpu:g}", "memory": "4Gi", "pods": "110"}}}
 
 
-def cluster_nodes(core_gflops: float, model_mb: float) -> list[dict[str, Any]]:
-    nodes = [node_object(n, cpu, mbps, cpu * core_gflops, share * model_mb)
+NodeGflops = Mapping[str, float]
+"""Each compute node's ``edgeweave.io/gflops`` label."""
+
+
+def cluster_nodes(node_gflops: NodeGflops, model_mb: float) -> list[dict[str, Any]]:
+    nodes = [node_object(n, cpu, mbps, node_gflops[n], share * model_mb)
              for n, cpu, mbps, share in COMPUTE_NODES]
     name, cpu, mbps = GATEWAY_NODE
     return [*nodes, node_object(name, cpu, mbps, None)]
@@ -225,6 +234,8 @@ def bench_window(url: str, model: str, concurrency: int, seconds: float) -> dict
 class ThroughputRow:
     model: str
     core_gflops: float
+    node_gflops: dict[str, float]
+    """The labels the planner read: measured inside each node's CPU quota, or quota x core."""
     predicted_per_s: float
     windows_per_s: list[float]
     errors: int
@@ -256,6 +267,43 @@ def calibrate(model: str, seconds: float) -> float:
     return figures.gflops
 
 
+_NODE_GFLOPS_CODE = """
+import json, sys
+from edgeweave.nodeprofile import measure_gflops
+figures = measure_gflops(sys.argv[1], threads=1, seconds=float(sys.argv[2]))
+print(json.dumps({"gflops": figures.gflops, "runs": figures.runs}))
+"""
+
+
+def calibrate_in_nodes(model: str, seconds: float) -> dict[str, float]:
+    """Each node's GFLOPS as ``edgeweave profile-node`` run on it would label it: the model,
+    one thread, inside the node's CPU quota (all nodes at once, as they run). A quota costs
+    more than its share: a throttled thread comes back to cold caches."""
+    from edgeweave.local.emulate import EdgeEmulator, NodeSpec, start_python
+    from edgeweave.zoo import build
+
+    with tempfile.TemporaryDirectory(prefix="edgeweave-e2e-calibrate-") as folder:
+        path = Path(folder) / f"{model}.onnx"
+        path.write_bytes(build(f"zoo:{model}").SerializeToString())
+        os.chmod(folder, 0o755)
+        specs = [NodeSpec(name, cpu=cpu) for name, cpu, _, _ in COMPUTE_NODES]
+        with EdgeEmulator(specs) as emulator:
+            running = {name: start_python(emulator.node(name), _NODE_GFLOPS_CODE, path,
+                                          seconds / cpu)
+                       for name, cpu, _, _ in COMPUTE_NODES}
+            figures = {}
+            for name, process in running.items():
+                out, _ = process.communicate(timeout=600)
+                if process.returncode != 0:
+                    raise RuntimeError(f"measuring GFLOPS on {name} failed: {out!r}")
+                figures[name] = float(json.loads(out.strip().splitlines()[-1])["gflops"])
+    print(f"calibration {model} inside the nodes' quotas: " + ", ".join(
+        f"{name} {gflops:.1f} GFLOPS ({gflops / cpu:.1f}/core)"
+        for (name, cpu, _, _), gflops in zip(COMPUTE_NODES, figures.values(), strict=True)),
+        flush=True)
+    return figures
+
+
 def measure_layers(model: str) -> dict[str, Any]:
     """Time the model's layers into the operator's cache now, while nothing else runs."""
     from edgeweave.local.run import default_cache_dir
@@ -279,7 +327,7 @@ def measure_layers(model: str) -> dict[str, Any]:
             "onnxruntime": times.onnxruntime, "speeds": list(speeds)}
 
 
-def operator_pricing(model: str, status: dict[str, Any], core_gflops: float) -> str:
+def operator_pricing(model: str, status: dict[str, Any], node_gflops: NodeGflops) -> str:
     """Which layer costs the operator's ``computeSeconds`` follow: ``flops`` or ``measured``.
 
     Each replica's predicted compute is re-priced by the cost model from both profiles
@@ -293,8 +341,7 @@ def operator_pricing(model: str, status: dict[str, Any], core_gflops: float) -> 
     stored = store.resolve(f"zoo:{model}")
     profiles = {costs: store.profile(stored, layer_costs=costs).profile
                 for costs in ("flops", "measured")}
-    gflops = {n["metadata"]["name"]: float(n["metadata"]["labels"]["edgeweave.io/gflops"])
-              for n in cluster_nodes(core_gflops, 1.0)[:len(COMPUTE_NODES)]}
+    gflops = node_gflops
     errors = dict.fromkeys(profiles, 0.0)
     for stage in status["plan"]["stages"]:
         first, last = stage["layers"]
@@ -316,11 +363,11 @@ def model_memory_mb(model: str) -> float:
     return sum(layer.mem_bytes for layer in profile.layers) / 2**20
 
 
-def start_sandbox(model: str, core_gflops: float, emulate: bool, run_dir: Path,
+def start_sandbox(model: str, node_gflops: NodeGflops, emulate: bool, run_dir: Path,
                   layer_costs: str) -> Any:
     from edgeweave.sandbox.sandbox import Sandbox, SandboxOptions
 
-    nodes = cluster_nodes(core_gflops, model_memory_mb(model))
+    nodes = cluster_nodes(node_gflops, model_memory_mb(model))
     sandbox = Sandbox(SandboxOptions(nodes=nodes, emulate=emulate, run_dir=run_dir / model,
                                      operator_env={LAYER_COSTS_ENV: layer_costs}))
     sandbox.start()
@@ -339,7 +386,7 @@ def favour_emulated_nodes(niceness: int) -> None:
         (root / CGROUP_GROUP / "cpu.shares").write_text(str(min(weight, 262144)))
 
 
-def measure_throughput(sandbox: Any, model: str, core_gflops: float,
+def measure_throughput(sandbox: Any, model: str, core_gflops: float, node_gflops: NodeGflops,
                        args: argparse.Namespace) -> tuple[ThroughputRow, dict[str, Any]]:
     started = time.monotonic()
     name = pipeline_name(model)
@@ -347,7 +394,7 @@ def measure_throughput(sandbox: Any, model: str, core_gflops: float,
     status = wait_ready(sandbox, name)
     print(f"{model}: Ready in {time.monotonic() - started:.1f} s at {status['endpoint']}; "
           f"plan {plan_summary(status)}", flush=True)
-    priced_by = operator_pricing(model, status, core_gflops)
+    priced_by = operator_pricing(model, status, node_gflops)
     if priced_by != args.layer_costs:
         print(f"WARNING: asked the operator ({LAYER_COSTS_ENV}={args.layer_costs}) to price "
               f"layers by {args.layer_costs}, but its predictions follow {priced_by}: this "
@@ -366,7 +413,7 @@ def measure_throughput(sandbox: Any, model: str, core_gflops: float,
         errors += int(result["errors"])
         print(f"{model}: window {index + 1}: {result['throughput_per_s']:.2f}/s, "
               f"{result['errors']} errors, p50 {result['latency_ms']['p50']} ms", flush=True)
-    row = ThroughputRow(model=model, core_gflops=core_gflops,
+    row = ThroughputRow(model=model, core_gflops=core_gflops, node_gflops=dict(node_gflops),
                         predicted_per_s=float(status["plan"]["throughputPerSecond"]),
                         windows_per_s=windows, errors=errors, plan=plan_summary(status),
                         load_average=os.getloadavg()[0], replicas=replicas,
@@ -796,15 +843,17 @@ def write_markdown(path: Path, rows: list[ThroughputRow], churned: dict[str, Any
                               f"model)" for n, c, m, share in COMPUTE_NODES)
         + f"; the gateway on its own node ({GATEWAY_NODE[1]:g} CPU).",
         "",
-        "| model | layers priced by | GFLOPS/core | plan (layers → nodes) | predicted /s | "
+        "| model | layers priced by | GFLOPS/core (free) | labels per core (in the quotas) | "
+        "plan (layers → nodes) | predicted /s | "
         "measured /s (best) | median | measured/predicted | errors | load avg |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         plan = "; ".join(f"{s['layers'][0]}-{s['layers'][1]} → {'+'.join(s['nodes'])}"
                          for s in row.plan)
         lines.append(
-            f"| {row.model} | {row.layer_costs} | {row.core_gflops:.1f} | {plan} | "
+            f"| {row.model} | {row.layer_costs} | {row.core_gflops:.1f} | {_per_core(row)} | "
+            f"{plan} | "
             f"{row.predicted_per_s:.2f} | "
             f"{row.best_per_s:.2f} | {statistics.median(row.windows_per_s):.2f} | "
             f"{row.ratio:.0%} | {row.errors} | {row.load_average:.2f} |")
@@ -823,9 +872,10 @@ def write_markdown(path: Path, rows: list[ThroughputRow], churned: dict[str, Any
                       "its CPU quota; busy = share of the window spent computing. CPU columns, "
                       "per frame: all = every thread of the node's processes; compute = the "
                       "busiest thread (onnxruntime's); priced = the planner's compute time x the "
-                      "node's quota, i.e. at one full core; handling = all - compute):", "",
+                      "node's quota, i.e. CPU time at the node's label per core; handling = all - "
+                      "compute):", "",
                   "| stage | node | in KiB | out KiB | frames | predicted ms | measured ms | "
-                  "measured/predicted | busy | CPU all ms | CPU compute ms | priced at 1 core "
+                  "measured/predicted | busy | CPU all ms | CPU compute ms | priced "
                   "ms | compute/priced | handling ms |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for replica in row.replicas:
@@ -871,6 +921,12 @@ def write_markdown(path: Path, rows: list[ThroughputRow], churned: dict[str, Any
         "Targets: measured ≥ 85 % of predicted; recovery < 15 s; 0 failed requests.",
         "The machine is shared: figures only ever drop under neighbours' load."]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _per_core(row: ThroughputRow) -> str:
+    quotas = {name: cpu for name, cpu, _, _ in COMPUTE_NODES}
+    return ", ".join(f"{name} {gflops / quotas[name]:.0f}"
+                     for name, gflops in row.node_gflops.items())
 
 
 def _fmt(value: float | None) -> str:
@@ -919,10 +975,12 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="edgeweave-e2e-bench-"))
     for model in [m for m in args.models.split(",") if m]:
         core = calibrate(model, args.calibration_seconds)
+        node_gflops = (calibrate_in_nodes(model, args.calibration_seconds) if emulate
+                       else {name: cpu * core for name, cpu, _, _ in COMPUTE_NODES})
         timing = measure_layers(model) if args.layer_costs == "measured" else None
-        sandbox = start_sandbox(model, core, emulate, run_dir, args.layer_costs)
+        sandbox = start_sandbox(model, node_gflops, emulate, run_dir, args.layer_costs)
         try:
-            row, status = measure_throughput(sandbox, model, core, args)
+            row, status = measure_throughput(sandbox, model, core, node_gflops, args)
             row.layer_timing = timing
             rows.append(row)
             if model == args.churn_model:
