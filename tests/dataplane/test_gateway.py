@@ -1062,9 +1062,16 @@ def test_killing_one_of_two_replicas_under_load_fails_no_request(
                 replies[index] = await infer(session, url, batches[index])
                 if len(replies) >= kill_after and not killed:
                     killed = True
-                    computed = await dp.scrape(victim.url)
-                    assert dp.metric(computed, "edgeweave_frames_computed_total") > 0
-                    victim.kill()
+                    await kill_while_holding_frames(victim)
+
+        async def kill_while_holding_frames(victim: Any) -> None:
+            """Kill the replica while it holds frames, so that recovery has work to do."""
+            for _ in range(200):
+                samples = await dp.scrape(victim.url)
+                assert dp.metric(samples, "edgeweave_frames_computed_total") > 0
+                if dp.metric(samples, "edgeweave_frames_held") > 0:
+                    break
+            victim.kill()
 
         async with aiohttp.ClientSession() as session:
             await asyncio.gather(*(client(session) for _ in range(concurrency)))
