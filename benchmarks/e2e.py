@@ -33,12 +33,11 @@ for the gateway, the client and the sandbox.
 **Calibration.** A node's ``edgeweave.io/gflops`` label must be what its CPU share
 of *this* machine delivers, measured as on a real cluster: on the node. For each model
 the script measures effective GFLOPS with :func:`edgeweave.nodeprofile.measure_gflops`
-(the model in onnxruntime with the stage worker's session settings, one thread: the
-model's FLOPs over the median time, as ``edgeweave profile-node --model`` would) once
-on a free core of the host (reported as GFLOPS/core), and once inside each emulated
-node's CPU quota, all nodes at once; the latter are the labels. A quota delivers less
-than its share of a free core (a throttled thread returns to cold caches), so
-``quota x per-core GFLOPS`` would over-promise every node alike. Without emulation the
+(the model in onnxruntime with the stage worker's session settings, one thread, as
+``edgeweave profile-node --model`` would) once on a free core of the host (FLOPs over
+the median run, reported as GFLOPS/core), and once inside each emulated node's CPU
+quota, all nodes at once, as FLOPs over the mean of back-to-back runs (the median can
+fall in the bursts between throttled periods); the latter are the labels. Without emulation the
 labels are ``quota x per-core GFLOPS``. Each node has ``allocatable.cpu`` ≤ 1, so every
 stage runs one onnxruntime thread, held to its quota by the node's cgroup.
 
@@ -271,14 +270,15 @@ _NODE_GFLOPS_CODE = """
 import json, sys
 from edgeweave.nodeprofile import measure_gflops
 figures = measure_gflops(sys.argv[1], threads=1, seconds=float(sys.argv[2]))
-print(json.dumps({"gflops": figures.gflops, "runs": figures.runs}))
+print(json.dumps({"gflops": figures.sustained_gflops, "runs": figures.runs}))
 """
 
 
 def calibrate_in_nodes(model: str, seconds: float) -> dict[str, float]:
-    """Each node's GFLOPS as ``edgeweave profile-node`` run on it would label it: the model,
-    one thread, inside the node's CPU quota (all nodes at once, as they run). A quota costs
-    more than its share: a throttled thread comes back to cold caches."""
+    """Each node's GFLOPS measured on it: the model, one thread, inside the node's CPU
+    quota (all nodes at once, as they run), as FLOPs over the *mean* time of back-to-back
+    runs. Under a quota the median run can fall in the bursts between throttled periods
+    and over-promise; the mean counts the throttling."""
     from edgeweave.local.emulate import EdgeEmulator, NodeSpec, start_python
     from edgeweave.zoo import build
 
