@@ -184,17 +184,23 @@ def resnet18_chain(tmp_path_factory: pytest.TempPathFactory) -> ShardChain:
 
 # --------------------------------------------------------------------- sink
 class Sink:
-    """Stands in for the gateway's result endpoint: keeps the first frame per id.
+    """Stands in for the gateway's result endpoint (or any receiver): records every frame
+    in arrival order (``frames``) and keeps the first one per id (``results``).
 
     ``pause()`` makes it stop reading its streams (``deliver`` blocks), as a stalled
-    gateway would; ``resume()`` lets everything through. ``role`` is what it announces
-    (``"sink"``: the gateway's); ``announce=False`` answers like a receiver from before
-    the optional frame-header fields (it announces none).
+    gateway would; ``resume()`` lets everything through. ``hold=True`` takes frames in
+    but holds their acks until ``release()``. ``role`` is what it announces (``"sink"``:
+    the gateway's); ``announce=False`` answers like a receiver from before the optional
+    frame-header fields (it announces none).
     """
 
-    def __init__(self, token: str, *, role: str | None = None, announce: bool = True) -> None:
+    def __init__(self, token: str, *, hold: bool = False, role: str | None = None,
+                 announce: bool = True) -> None:
         self.token = token
+        self.hold = hold
         self.announce = announce
+        self.frames: list[Frame] = []
+        self.held: list[Ack] = []
         self.results: dict[str, Frame] = {}
         self.duplicates = 0
         self.delivered = 0
@@ -220,6 +226,16 @@ class Sink:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def ids(self) -> list[str]:
+        return [frame.id for frame in self.frames]
+
+    def release(self, count: int | None = None) -> None:
+        """Ack the first ``count`` held frames (all when ``None``)."""
+        chosen = self.held[: count if count is not None else len(self.held)]
+        del self.held[: len(chosen)]
+        for ack in chosen:
+            ack.ok()
+
     def pause(self) -> None:
         self._open.clear()
 
@@ -229,11 +245,15 @@ class Sink:
     async def _deliver(self, frame: Frame, ack: Ack) -> None:
         await self._open.wait()
         self.delivered += 1
+        self.frames.append(frame)
         if frame.id in self.results:
             self.duplicates += 1
         else:
             self.results[frame.id] = frame
-        ack.ok()
+        if self.hold:
+            self.held.append(ack)
+        else:
+            ack.ok()
 
     async def wait_for(self, count: int) -> None:
         await wait_until(lambda: len(self.results) >= count, f"{count} results at the sink")

@@ -11,77 +11,19 @@ from collections.abc import AsyncIterator, Sequence
 import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
 
-from edgeweave.worker.frames import Frame, FrameHeader, encode_frame, encode_frame_bytes
+from edgeweave.worker.frames import FrameHeader, encode_frame, encode_frame_bytes
 from edgeweave.worker.link import (
-    FIELDS_HEADER,
     SINK_ROLE,
-    STREAM_PATH,
-    Ack,
     Delivery,
     LinkPool,
     Peer,
     ReplyTargets,
-    StreamReceiver,
     stream_url,
 )
 
 
 # --------------------------------------------------------------------- helpers
-class Recorder:
-    """A receiver that records frames and acks them at once, or holds the acks."""
-
-    def __init__(
-        self, token: str, *, hold: bool = False, role: str | None = None, announce: bool = True
-    ) -> None:
-        self.token = token
-        self.hold = hold
-        self.announce = announce
-        """False: answer like a receiver from before the optional header fields."""
-        self.frames: list[Frame] = []
-        self.held: list[Ack] = []
-        self.receiver = StreamReceiver(token, self._deliver, role=role)
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self, port: int = 0) -> Recorder:
-        app = web.Application()
-        app.router.add_post(STREAM_PATH, self.receiver.handle)
-        if not self.announce:
-            app.on_response_prepare.append(_forget_the_fields)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def stop(self) -> None:
-        await self.receiver.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def ids(self) -> list[str]:
-        return [frame.id for frame in self.frames]
-
-    def release(self, count: int | None = None) -> None:
-        chosen = self.held[: count if count is not None else len(self.held)]
-        del self.held[: len(chosen)]
-        for ack in chosen:
-            ack.ok()
-
-    async def _deliver(self, frame: Frame, ack: Ack) -> None:
-        self.frames.append(frame)
-        if self.hold:
-            self.held.append(ack)
-        else:
-            ack.ok()
-
-
-async def _forget_the_fields(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers.popall(FIELDS_HEADER, None)
-
-
 def _frame(frame_id: str, size: int = 16, *, deadline: float | None = None) -> list[bytes]:
     values = np.arange(size, dtype=np.float32) + len(frame_id)
     return [bytes(b) for b in encode_frame(FrameHeader(frame_id, deadline), {"x": values})]
@@ -119,7 +61,7 @@ def test_frames_arrive_whole_and_in_order_and_every_send_is_acked(
     token: str, dp: types.ModuleType
 ) -> None:
     async def scenario() -> None:
-        receiver = await Recorder(token).start()
+        receiver = await dp.Sink(token).start()
         pool = LinkPool([receiver.url], token, max_outstanding_per_link=4)
         sizes = [1, 1000, 3 * 2**20 // 4, 7, 2**16]
         sent = {f"f{i}": _frame(f"f{i}", sizes[i % len(sizes)]) for i in range(40)}
@@ -140,8 +82,8 @@ def test_least_outstanding_sends_around_a_replica_that_is_slow_to_ack(
     token: str, dp: types.ModuleType
 ) -> None:
     async def scenario() -> None:
-        slow = await Recorder(token, hold=True).start()
-        fast = await Recorder(token).start()
+        slow = await dp.Sink(token, hold=True).start()
+        fast = await dp.Sink(token).start()
         pool = LinkPool([slow.url, fast.url], token)
         await _connected(pool, 2, dp)
         for i in range(10):
@@ -165,7 +107,7 @@ def test_least_outstanding_sends_around_a_replica_that_is_slow_to_ack(
 
 def test_send_waits_while_every_link_is_at_its_cap(token: str, dp: types.ModuleType) -> None:
     async def scenario() -> None:
-        receiver = await Recorder(token, hold=True).start()
+        receiver = await dp.Sink(token, hold=True).start()
         pool = LinkPool([receiver.url], token, max_outstanding_per_link=3)
         futures = [await pool.send(f"f{i}", _frame(f"f{i}")) for i in range(3)]
         fourth = asyncio.create_task(pool.send("f3", _frame("f3")))
@@ -188,7 +130,7 @@ def test_send_waits_while_every_link_is_at_its_cap(token: str, dp: types.ModuleT
 # --------------------------------------------------------------------- auth
 def test_the_stream_endpoint_wants_the_token(token: str, dp: types.ModuleType) -> None:
     async def scenario() -> None:
-        receiver = await Recorder(token).start()
+        receiver = await dp.Sink(token).start()
         frame = b"".join(_frame("f0"))
         assert (await _raw_stream(receiver.url, "", [frame]))[0] == 401
         assert (await _raw_stream(receiver.url, token + "x", [frame]))[0] == 401
@@ -205,7 +147,7 @@ def test_a_pool_with_a_wrong_token_drops_at_the_deadline_saying_why(
     token: str, dp: types.ModuleType
 ) -> None:
     async def scenario() -> None:
-        receiver = await Recorder(token).start()
+        receiver = await dp.Sink(token).start()
         pool = LinkPool([receiver.url], "not-" + token)
         future = await pool.send("f0", _frame("f0", deadline=time.time() + 0.5))
         delivery = await asyncio.wait_for(future, 30)
@@ -223,8 +165,8 @@ def test_unacked_frames_of_a_failed_link_are_resent_to_the_survivor(
     token: str, dp: types.ModuleType
 ) -> None:
     async def scenario() -> None:
-        doomed = await Recorder(token, hold=True).start()
-        survivor = await Recorder(token).start()
+        doomed = await dp.Sink(token, hold=True).start()
+        survivor = await dp.Sink(token).start()
         pool = LinkPool([doomed.url, survivor.url], token, max_outstanding_per_link=4)
         await _connected(pool, 2, dp)
         futures = [await pool.send(f"f{i}", _frame(f"f{i}")) for i in range(20)]
@@ -258,7 +200,7 @@ def test_with_no_receiver_a_frame_waits_for_one_until_its_deadline(
         )
         await asyncio.sleep(0.3)  # the pool retries, with backoff, meanwhile
         assert not patient.done()
-        receiver = await Recorder(token).start(port)
+        receiver = await dp.Sink(token).start(port)
         assert (await asyncio.wait_for(await patient, 60)).ok
         assert receiver.ids() == ["patient"]
         await pool.close()
@@ -269,7 +211,7 @@ def test_with_no_receiver_a_frame_waits_for_one_until_its_deadline(
 
 def test_close_resolves_unacked_frames_as_dropped(token: str, dp: types.ModuleType) -> None:
     async def scenario() -> None:
-        receiver = await Recorder(token, hold=True).start()
+        receiver = await dp.Sink(token, hold=True).start()
         pool = LinkPool([receiver.url], token)
         future = await pool.send("f0", _frame("f0"))
         await dp.wait_until(lambda: receiver.frames, "the frame to arrive")
@@ -288,8 +230,8 @@ def test_set_targets_sends_new_frames_to_the_new_replicas_and_drains_the_old(
     token: str, dp: types.ModuleType
 ) -> None:
     async def scenario() -> None:
-        old = await Recorder(token, hold=True).start()
-        new = await Recorder(token).start()
+        old = await dp.Sink(token, hold=True).start()
+        new = await dp.Sink(token).start()
         pool = LinkPool([old.url], token)
         first = await pool.send("f0", _frame("f0"))
         await dp.wait_until(lambda: old.frames, "f0 at the old replica")
@@ -323,7 +265,7 @@ def test_a_refused_frame_is_answered_and_the_stream_reads_on(
     token: str, dp: types.ModuleType
 ) -> None:
     async def scenario() -> None:
-        receiver = await Recorder(token).start()
+        receiver = await dp.Sink(token).start()
         bad = b"".join(_frame("bad")).replace(b'"float32"', b'"float33"')
         status, acks = await _raw_stream(
             receiver.url, token, [b"".join(_frame("a")), bad, b"".join(_frame("b"))]
@@ -340,7 +282,7 @@ def test_a_refused_frame_is_answered_and_the_stream_reads_on(
 
 def test_lost_framing_closes_only_that_stream(token: str, dp: types.ModuleType) -> None:
     async def scenario() -> None:
-        receiver = await Recorder(token).start()
+        receiver = await dp.Sink(token).start()
         pool = LinkPool([receiver.url], token)
         assert (await (await pool.send("before", _frame("before")))).ok
         garbage = [b"".join(_frame("g0")), b"this is not a frame at all" * 10]
@@ -362,8 +304,8 @@ def test_a_pool_learns_what_its_receivers_are_and_which_header_fields_they_read(
     token: str, dp: types.ModuleType
 ) -> None:
     async def scenario() -> None:
-        sink = await Recorder(token, role=SINK_ROLE).start()
-        old = await Recorder(token, announce=False).start()
+        sink = await dp.Sink(token, role=SINK_ROLE).start()
+        old = await dp.Sink(token, announce=False).start()
         nobody = f"http://127.0.0.1:{dp.free_port()}"
         to_sink, to_old, to_nobody = (LinkPool([url], token) for url in (sink.url, old.url,
                                                                        nobody))
@@ -392,7 +334,7 @@ def test_enqueue_never_waits_and_max_wait_bounds_a_frame_with_no_link(
 ) -> None:
     async def scenario() -> None:
         nobody = LinkPool([f"http://127.0.0.1:{dp.free_port()}"], token, max_wait_s=0.3)
-        receiver = await Recorder(token, hold=True).start()
+        receiver = await dp.Sink(token, hold=True).start()
         full = LinkPool([receiver.url], token, max_outstanding_per_link=1, max_wait_s=60)
         try:
             # No deadline at all: max_wait_s alone ends the wait.
@@ -421,7 +363,7 @@ def test_reply_targets_hold_one_pool_per_replica_up_to_a_cap_and_close_idle_ones
     token: str, dp: types.ModuleType
 ) -> None:
     async def scenario() -> None:
-        gateways = [await Recorder(token, role=SINK_ROLE).start() for _ in range(3)]
+        gateways = [await dp.Sink(token, role=SINK_ROLE).start() for _ in range(3)]
         replies = ReplyTargets(token, max_targets=2, idle_s=0.4)
         try:
             first = replies.pool_for(gateways[0].url)
